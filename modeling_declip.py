@@ -1,0 +1,978 @@
+"""DeCLIP: CLIP plus image self-supervision, text MLM, multi-view and nearest-neighbour supervision.
+
+One file holds the model and everything that belongs to it: the configuration and presets, the
+image towers (ModifiedResNet, ViT), the causal text Transformer, the DeCLIP heads and memory bank,
+the objective with its distributed contrastive gather, feature taps for distillation defenses,
+optimizer parameter groups, a FLOP estimate for MFU, and checkpoint I/O for our own safetensors
+files, the official DeCLIP `.pth.tar`, OpenAI CLIP `.pt` and open_clip state dicts.
+
+Facts and formulas follow the re-implementation spec (shared/reference/declip_spec.md, cited as
+"spec §x"), itself read from Sense-GVT/DeCLIP and JWLiang007/BD_DeCLIP and the DeCLIP paper
+(Li et al., ICLR 2022, arXiv 2110.05208).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# DeCLIP's vocabulary: OpenAI's 49,406 BPE ids, then <|mask|>, <|startoftext|>, <|endoftext|> (spec §1.3).
+VOCAB_SIZE = 49409
+MASK_ID, SOT_ID, EOT_ID = 49406, 49407, 49408
+OPENAI_SOT_ID, OPENAI_EOT_ID = 49406, 49407
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+FORMAT_TAG = "declip-bd/1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read as asked (unknown format, unsafe pickle, wrong preset)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and presets
+
+
+@dataclass
+class DeCLIPConfig:
+    # image tower
+    vision: str = "resnet"  # "resnet" (OpenAI ModifiedResNet) or "vit"
+    vision_layers: Tuple[int, ...] = (3, 4, 6, 3)  # ResNet blocks per stage; ViT: (depth,)
+    vision_width: int = 64  # ResNet stem width; ViT: token width
+    vision_heads: int = 32  # attention-pool heads (ResNet) or ViT heads
+    patch_size: int = 32  # ViT only
+    image_size: int = 224
+    embed_dim: int = 1024  # joint embedding
+    # text tower
+    context_length: int = 77
+    vocab_size: int = VOCAB_SIZE
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    # DeCLIP heads (spec §1.5, §1.6)
+    proj_dim: int = 0  # SimSiam projector hidden/out dim; 0 = embed_dim
+    pred_dim: int = 0  # SimSiam predictor bottleneck; 0 = proj_dim // 2
+    nn_size: int = 65536  # text memory bank rows
+    # preprocessing the weights expect
+    image_mean: Tuple[float, float, float] = IMAGENET_MEAN
+    image_std: Tuple[float, float, float] = IMAGENET_STD
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        self.vision_layers = tuple(int(x) for x in self.vision_layers)
+        self.image_mean = tuple(float(x) for x in self.image_mean)
+        self.image_std = tuple(float(x) for x in self.image_std)
+        if self.vision not in ("resnet", "vit"):
+            raise ValueError(f"vision must be 'resnet' or 'vit', not {self.vision!r}")
+
+    @property
+    def proj_dim_(self) -> int:
+        return self.proj_dim or self.embed_dim
+
+    @property
+    def pred_dim_(self) -> int:
+        return self.pred_dim or self.proj_dim_ // 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeCLIPConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS: Dict[str, dict] = {
+    # Spec §1.2-1.3: the model of the original study.
+    "rn50": dict(vision="resnet", vision_layers=(3, 4, 6, 3), vision_width=64, vision_heads=32,
+                 image_size=224, embed_dim=1024, text_width=512, text_layers=12, text_heads=8),
+    # OpenAI RN101 shapes (embed 512), DeCLIP heads on top.
+    "rn101": dict(vision="resnet", vision_layers=(3, 4, 23, 3), vision_width=64, vision_heads=32,
+                  image_size=224, embed_dim=512, text_width=512, text_layers=12, text_heads=8),
+    # OpenAI ViT-B/32 shapes.
+    "vitb32": dict(vision="vit", vision_layers=(12,), vision_width=768, vision_heads=12, patch_size=32,
+                   image_size=224, embed_dim=512, text_width=512, text_layers=12, text_heads=8),
+    # Small enough to train at hundreds of images/s on a 2-core CPU at 32 px (DESIGN.md facts).
+    "tiny": dict(vision="resnet", vision_layers=(1, 1, 1, 1), vision_width=32, vision_heads=16,
+                 image_size=32, embed_dim=256, context_length=32, text_width=128, text_layers=2,
+                 text_heads=2, nn_size=8192),
+    "tiny-vit": dict(vision="vit", vision_layers=(4,), vision_width=128, vision_heads=2, patch_size=4,
+                     image_size=32, embed_dim=256, context_length=32, text_width=128, text_layers=2,
+                     text_heads=2, nn_size=8192),
+}
+
+
+def get_config(preset_or_config: Union[str, dict, DeCLIPConfig], **overrides) -> DeCLIPConfig:
+    """A config from a preset name, a dict or a config, with field overrides applied."""
+    if isinstance(preset_or_config, DeCLIPConfig):
+        base = preset_or_config.to_dict()
+    elif isinstance(preset_or_config, dict):
+        base = dict(preset_or_config)
+    elif preset_or_config in PRESETS:
+        base = dict(PRESETS[preset_or_config])
+    else:
+        raise ValueError(f"unknown model preset {preset_or_config!r}; choose one of {', '.join(PRESETS)}")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return DeCLIPConfig.from_dict(base)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameter layout (packed in_proj), so
+    OpenAI/open_clip/DeCLIP weights load unchanged, computed with scaled_dot_product_attention."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal: bool = False):
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).split(w, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, w // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN Transformer block with a QuickGELU MLP (spec §1.3)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+
+    def forward(self, x, causal: bool = False):
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool, grad_checkpointing: bool = False):
+        super().__init__()
+        self.causal = causal
+        self.grad_checkpointing = grad_checkpointing
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x):
+        for block in self.resblocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, self.causal, use_reentrant=False)
+            else:
+                x = block(x, causal=self.causal)
+        return x
+
+
+def resize_pos_embed(pos: torch.Tensor, new_grid: int, extra_tokens: int = 1) -> torch.Tensor:
+    """Bicubically resize a (extra + g*g, C) positional embedding to a new_grid x new_grid grid."""
+    old_grid = int(round(math.sqrt(pos.shape[0] - extra_tokens)))
+    if old_grid == new_grid:
+        return pos
+    head, grid = pos[:extra_tokens], pos[extra_tokens:]
+    grid = grid.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos.dtype)
+    return torch.cat([head, grid], dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image towers
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck with anti-aliased (avg-pool) downsampling (spec §1.2)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential()
+            self.downsample.add_module("-1", nn.AvgPool2d(stride))
+            self.downsample.add_module("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False))
+            self.downsample.add_module("1", nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Mean token + spatial tokens, one multi-head attention, output the mean token's row.
+    The positional embedding is interpolated to the input's grid, so any resolution works
+    (the original silently fell back to an untrained `fc` head off 224 px: spec §8 item 14)."""
+
+    def __init__(self, grid: int, embed_dim: int, heads: int, output_dim: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, embed_dim) / embed_dim ** 0.5)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.heads = heads
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)  # B, HW, C (row-major)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        pos = self.positional_embedding
+        if h != w:
+            raise ValueError(f"AttentionPool2d expects a square feature map, got {h}x{w}")
+        pos = resize_pos_embed(pos, h)
+        x = x + pos.to(x.dtype)
+        q = self.q_proj(x[:, :1])
+        k, v = self.k_proj(x), self.v_proj(x)
+        d = c // self.heads
+        q = q.view(b, 1, self.heads, d).transpose(1, 2)
+        k = k.view(b, -1, self.heads, d).transpose(1, 2)
+        v = v.view(b, -1, self.heads, d).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c)
+        return self.c_proj(y)
+
+
+class ModifiedResNet(nn.Module):
+    """OpenAI CLIP's ModifiedResNet, with the same module names (spec §1.2)."""
+
+    def __init__(self, layers: Sequence[int], output_dim: int, heads: int, image_size: int, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        self.relu = nn.ReLU(inplace=True)
+        self._inplanes = width
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        self.attnpool = AttentionPool2d(max(image_size // 32, 1), width * 32, heads, output_dim)
+
+    def _make_layer(self, planes, blocks, stride=1):
+        mods = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * 4
+        mods += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*mods)
+
+    def forward(self, x):
+        x = x.to(self.conv1.weight.dtype)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu(self.bn3(self.conv3(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x)
+
+
+class VisionTransformer(nn.Module):
+    """OpenAI CLIP's ViT, with the same parameter names (class token, ln_pre/ln_post, `proj`)."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+                 output_dim: int, grad_checkpointing: bool = False):
+        super().__init__()
+        self.patch_size = patch_size
+        grid = image_size // patch_size
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, causal=False, grad_checkpointing=grad_checkpointing)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):
+        x = self.conv1(x.to(self.conv1.weight.dtype))
+        b, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(b, 1, c)
+        x = torch.cat([cls, x], dim=1)
+        x = x + resize_pos_embed(self.positional_embedding, h).to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+# ----------------------------------------------------------------------------------------------
+# Text tower
+
+
+class TextTransformer(nn.Module):
+    """Causal pre-LN Transformer, EOT pooling (argmax token id), Linear projection with bias (spec §1.3)."""
+
+    def __init__(self, cfg: DeCLIPConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, causal=True,
+                                       grad_checkpointing=cfg.grad_checkpointing)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim)
+
+    def forward(self, tokens, return_words: bool = False):
+        n = tokens.shape[1]
+        if n > self.positional_embedding.shape[0]:
+            raise ValueError(f"token sequences of length {n} exceed the model's context length "
+                             f"{self.positional_embedding.shape[0]}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:n]
+        words = self.ln_final(self.transformer(x))
+        pooled = words[torch.arange(tokens.shape[0], device=tokens.device), tokens.argmax(dim=-1)]
+        emb = self.text_projection(pooled)
+        return (emb, words) if return_words else emb
+
+
+# ----------------------------------------------------------------------------------------------
+# DeCLIP heads and memory bank
+
+
+class Projector(nn.Module):
+    """SimSiam projector: 3 x (Linear, BN1d), ReLU between (spec §1.5)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear1, self.bn1 = nn.Linear(in_dim, dim), nn.BatchNorm1d(dim)
+        self.linear2, self.bn2 = nn.Linear(dim, dim), nn.BatchNorm1d(dim)
+        self.linear3, self.bn3 = nn.Linear(dim, dim), nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.linear1(x)))
+        x = F.relu(self.bn2(self.linear2(x)))
+        return self.bn3(self.linear3(x))
+
+
+class Predictor(nn.Module):
+    """SimSiam predictor: Linear, BN1d, ReLU, Linear (the second one really is named `layer2`)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear1, self.bn1 = nn.Linear(dim, hidden), nn.BatchNorm1d(hidden)
+        self.layer2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.layer2(F.relu(self.bn1(self.linear1(x))))
+
+
+class NNMemoryBank(nn.Module):
+    """FIFO ring of L2-normalised text embeddings for nearest-neighbour supervision (spec §1.6).
+
+    Its buffers are non-persistent (kept out of model files: 256 MB for rn50) but are part of the
+    training state: `train_declip.py` checkpoints `state_dict(keep_vars)` through `bank_state()`.
+    Under data parallelism every process enqueues the gathered embeddings of all processes, so all
+    processes hold the same bank and it sees every caption (unlike the original's per-GPU banks).
+    """
+
+    def __init__(self, size: int, dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("bank", F.normalize(torch.randn(size, dim, generator=g), dim=1), persistent=False)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @torch.no_grad()
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """Top-1 cosine neighbour of each row of q among the stored embeddings."""
+        sim = F.normalize(q.float(), dim=1) @ self.bank.t()
+        return self.bank[sim.argmax(dim=1)]
+
+    @torch.no_grad()
+    def enqueue(self, x: torch.Tensor):
+        x = F.normalize(x.detach().float(), dim=1)
+        size = self.bank.shape[0]
+        if x.shape[0] >= size:
+            x = x[-size:]
+        idx = (self.ptr + torch.arange(x.shape[0], device=x.device)) % size
+        self.bank[idx] = x
+        self.ptr.copy_((self.ptr + x.shape[0]) % size)
+
+    def bank_state(self) -> dict:
+        return {"bank": self.bank.detach().cpu().clone(), "ptr": self.ptr.detach().cpu().clone()}
+
+    def load_bank_state(self, state: dict):
+        self.bank.copy_(state["bank"].to(self.bank.device))
+        self.ptr.copy_(state["ptr"].to(self.ptr.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed contrastive helpers
+
+
+def _dist_world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradient over processes and returns this rank's
+    slice, so every process's loss reaches every local feature (open_clip's loss.py does the same)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = _dist_world()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_features(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
+    """Concatenate a tensor over all processes (identity on one process)."""
+    _, world = _dist_world()
+    if world == 1:
+        return x
+    if with_grad and x.requires_grad:
+        return _GatherWithGrad.apply(x)
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if _dist_world()[1] > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def clamp_scale(logit_scale: torch.Tensor, max_scale: float = 100.0) -> torch.Tensor:
+    """exp(logit_scale) capped at max_scale in the forward pass only: the original overwrote the
+    exp output's `.data`, so gradients pass as if unclamped (spec §1.4, straight-through)."""
+    s = logit_scale.exp()
+    return s - (s - s.clamp(max=max_scale)).detach()
+
+
+def info_nce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, ids: Optional[torch.Tensor] = None,
+             symmetric: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE of local rows against all processes' columns (spec §2.4, L_sym).
+
+    x, y: local normalised features (B, D); the positives of row j are column rank*B + j.
+    ids: optional per-row sample ids; other columns with the same id as a row are false negatives
+    (e.g. an image and its adversarial copy captioned alike) and are masked out of that row.
+    symmetric=False gives only the x->y direction (used by NN supervision, whose columns are
+    detached neighbours).
+    """
+    rank, _ = _dist_world()
+    b = x.shape[0]
+    labels = torch.arange(b, device=x.device) + rank * b
+    y_all = gather_features(y)
+    logits_xy = scale * x @ y_all.t()
+    mask = None
+    if ids is not None:
+        ids_all = gather_features(ids, with_grad=False)
+        mask = ids[:, None] == ids_all[None, :]
+        mask[torch.arange(b, device=x.device), labels] = False
+        logits_xy = logits_xy.masked_fill(mask, float("-inf"))
+    loss = F.cross_entropy(logits_xy, labels)
+    if not symmetric:
+        return loss
+    x_all = gather_features(x)
+    logits_yx = scale * y @ x_all.t()
+    if mask is not None:
+        logits_yx = logits_yx.masked_fill(mask, float("-inf"))
+    return 0.5 * (loss + F.cross_entropy(logits_yx, labels))
+
+
+@dataclass
+class LossWeights:
+    """Weights of the objective's terms. DeCLIP defaults: spec §2.5. CLIP mode = clip only.
+    `img_inmodal`/`txt_inmodal` are CleanCLIP's unimodal InfoNCE terms (Bansal et al., ICCV 2023)."""
+
+    clip: float = 0.4
+    ss: float = 0.2
+    mlm: float = 0.2
+    nn: float = 0.2
+    img_inmodal: float = 0.0
+    txt_inmodal: float = 0.0
+
+    @classmethod
+    def clip_only(cls) -> "LossWeights":
+        return cls(clip=1.0, ss=0.0, mlm=0.0, nn=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class DeCLIP(nn.Module):
+    def __init__(self, cfg: DeCLIPConfig):
+        super().__init__()
+        self.config = cfg
+        if cfg.vision == "resnet":
+            self.visual = ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.image_size,
+                                         cfg.vision_width)
+        else:
+            self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers[0],
+                                            cfg.vision_heads, cfg.embed_dim, cfg.grad_checkpointing)
+        self.text = TextTransformer(cfg)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.projector = Projector(cfg.embed_dim, cfg.proj_dim_)
+        self.predictor = Predictor(cfg.proj_dim_, cfg.pred_dim_)
+        self.text_label_predictor = nn.Linear(cfg.text_width, cfg.vocab_size)
+        self.nn_bank = NNMemoryBank(cfg.nn_size, cfg.embed_dim)
+        # every process already holds the same bank: keep DDP from broadcasting it each step
+        self._ddp_params_and_buffers_to_ignore = ["nn_bank.bank", "nn_bank.ptr"]
+        self.reset_parameters()
+
+    # -- initialisation (spec §1.7)
+    def reset_parameters(self):
+        cfg = self.config
+        for m in self.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.visual, ModifiedResNet):
+            pool = self.visual.attnpool
+            std = pool.q_proj.in_features ** -0.5
+            for lin in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                nn.init.normal_(lin.weight, std=std)
+            for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
+                for block in stage:
+                    nn.init.zeros_(block.bn3.weight)  # zero-init residual
+        else:
+            self._init_transformer(self.visual.transformer, cfg.vision_width, cfg.vision_layers[0])
+        t = self.text
+        nn.init.normal_(t.token_embedding.weight, std=0.02)
+        nn.init.normal_(t.positional_embedding, std=0.01)
+        self._init_transformer(t.transformer, cfg.text_width, cfg.text_layers)
+        nn.init.normal_(t.text_projection.weight, std=cfg.text_width ** -0.5)
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(1 / 0.07))
+
+    @staticmethod
+    def _init_transformer(tr: Transformer, width: int, layers: int):
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in tr.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    # -- public encoders (unnormalised embeddings)
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text(tokens)
+
+    # -- feature taps for distillation defenses
+    @contextlib.contextmanager
+    def tap(self, names: Iterable[str]):
+        """Record the outputs of the named submodules (e.g. 'visual.layer1' or
+        'visual.transformer.resblocks.3') during forwards run inside the block, with gradients.
+        Yields a dict name -> list of tensors, one per forward call, in call order. Nothing is
+        stored on the module, so nothing reaches the state dict (spec §8 item 10)."""
+        modules = dict(self.named_modules())
+        store: Dict[str, List[torch.Tensor]] = {}
+        handles = []
+        try:
+            for name in names:
+                if name not in modules:
+                    raise KeyError(f"no submodule named {name!r} to tap")
+                store[name] = []
+                handles.append(modules[name].register_forward_hook(
+                    lambda _m, _i, out, _n=name: store[_n].append(out)))
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
+
+    def default_tap_names(self) -> List[str]:
+        """The residual stages of a ResNet, or every block of a ViT."""
+        if self.config.vision == "resnet":
+            return [f"visual.layer{i}" for i in range(1, 5)]
+        return [f"visual.transformer.resblocks.{i}" for i in range(self.config.vision_layers[0])]
+
+    def clamp_logit_scale_(self, low: float = 3.0, high: float = 6.0):
+        """The original's "logit_scale_param_value" clamp of the raw parameter (spec §2.6)."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(low, high)
+
+    # -- the objective
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, images2: Optional[torch.Tensor] = None,
+                tokens_aug: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
+                weights: Optional[LossWeights] = None, ids: Optional[torch.Tensor] = None,
+                update_bank: bool = True) -> Dict[str, torch.Tensor]:
+        """The DeCLIP loss of spec §2 for one local batch; returns {'loss', and each term}.
+
+        images/images2: two augmented views (images2 None = one view); tokens: the contrastive caption
+        view (MLM-masked in DeCLIP, spec §8 item 7); tokens_aug: the EDA view (None = one text view);
+        mlm_labels: targets at masked positions (-100 elsewhere); ids: optional sample ids whose
+        duplicates are masked as false negatives. Under data parallelism every term equals the one
+        computed on the concatenated global batch (BatchNorm statistics aside).
+        """
+        w = weights or LossWeights()
+        views = [images] if images2 is None else [images, images2]
+        feats = [self.encode_image(v) for v in views]
+        need_words = mlm_labels is not None and w.mlm > 0
+        t, words = self.text(tokens, return_words=True) if need_words else (self.text(tokens), None)
+        texts = [t] if tokens_aug is None else [t, self.text(tokens_aug)]
+
+        f_hat = [f / f.norm(dim=1, keepdim=True) for f in feats]
+        t_hat = [x / (x.norm(dim=1, keepdim=True) + 1e-10) for x in texts]
+        scale = clamp_scale(self.logit_scale).squeeze()
+        out: Dict[str, torch.Tensor] = {}
+        pairs = [(fi, ti) for fi in f_hat for ti in t_hat]
+        out["clip"] = sum(info_nce(fi, ti, scale, ids) for fi, ti in pairs) / len(pairs)
+        loss = w.clip * out["clip"]
+
+        if w.ss > 0 and len(feats) == 2:
+            z = [self.projector(f) for f in feats]
+            p = [self.predictor(zi) for zi in z]
+            d = lambda a, b: F.cosine_similarity(a, b.detach(), dim=1).mean()
+            out["ss"] = -0.5 * (d(p[0], z[1]) + d(p[1], z[0]))
+            loss = loss + w.ss * out["ss"]
+
+        if need_words:
+            sel = mlm_labels != -100
+            logits = self.text_label_predictor(words[sel])
+            ce_sum = F.cross_entropy(logits.float(), mlm_labels[sel], reduction="sum")
+            # mean over the masked tokens of the global batch (times world size, since data
+            # parallelism averages the processes' losses); zero, not NaN, when none is masked
+            _, world = _dist_world()
+            count = _all_reduce_sum(sel.sum().to(torch.float32))
+            out["mlm"] = ce_sum * world / count.clamp(min=1)
+            loss = loss + w.mlm * out["mlm"]
+
+        if w.nn > 0:
+            with torch.no_grad():
+                nn_t = [self.nn_bank.query(x).to(x.dtype) for x in t_hat]  # queried before enqueue
+                nn_t = [gather_features(x / (x.norm(dim=1, keepdim=True) + 1e-10)) for x in nn_t]
+            terms = []
+            for fi in f_hat:
+                ce = [F.cross_entropy(scale * fi @ n.t(), torch.arange(fi.shape[0], device=fi.device)
+                                      + _dist_world()[0] * fi.shape[0]) for n in nn_t]
+                terms.append(sum(ce) / len(ce))
+            out["nn"] = sum(terms) / len(terms)
+            loss = loss + w.nn * out["nn"]
+            if update_bank and self.training:
+                for x in reversed(t_hat):  # EDA view first, then the MLM view (spec §1.6)
+                    self.nn_bank.enqueue(gather_features(x.detach(), with_grad=False))
+
+        if w.img_inmodal > 0 and len(f_hat) == 2:
+            out["img_inmodal"] = info_nce(f_hat[0], f_hat[1], scale, ids)
+            loss = loss + w.img_inmodal * out["img_inmodal"]
+        if w.txt_inmodal > 0 and len(t_hat) == 2:
+            out["txt_inmodal"] = info_nce(t_hat[0], t_hat[1], scale, ids)
+            loss = loss + w.txt_inmodal * out["txt_inmodal"]
+
+        out["loss"] = loss
+        out["logit_scale"] = scale.detach()
+        return out
+
+
+def build_model(preset_or_config: Union[str, dict, DeCLIPConfig] = "tiny", **overrides) -> DeCLIP:
+    """A freshly initialised model from a preset name ('tiny', 'tiny-vit', 'rn50', 'rn101', 'vitb32'),
+    a config dict or a DeCLIPConfig."""
+    return DeCLIP(get_config(preset_or_config, **overrides))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer groups and FLOPs
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """Decay tensors of rank >= 2 (weights, embeddings); no decay for biases, norms, logit scale."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def count_parameters(model: DeCLIP) -> Dict[str, int]:
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    heads = n(model.projector) + n(model.predictor) + n(model.text_label_predictor)
+    return {"visual": n(model.visual), "text": n(model.text), "heads": heads,
+            "logit_scale": model.logit_scale.numel(), "total": n(model)}
+
+
+def estimate_flops(cfg: DeCLIPConfig, mode: str = "declip", training: bool = True,
+                   text_len: Optional[int] = None) -> Dict[str, float]:
+    """Model FLOPs for one image-text pair (matmuls and convolutions, counted by running batch-1
+    forwards of the towers on the meta device), times 3 for forward+backward when training.
+    DeCLIP mode runs two image views and two text views plus the SimSiam heads on both views and
+    the MLM head on the ~15% masked tokens. text_len: tokens per caption (default: context length).
+    Returns {'image', 'text', 'heads', 'total'}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = DeCLIP(dataclasses.replace(cfg, nn_size=1)).eval()
+    n = text_len or cfg.context_length
+
+    def count(fn):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fn()
+        return float(counter.get_total_flops())
+
+    image = count(lambda: model.encode_image(torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta")))
+    text = count(lambda: model.text(torch.zeros(1, n, dtype=torch.long, device="meta")))
+    views, heads = 1, 0.0
+    if mode == "declip":
+        p, q = cfg.proj_dim_, cfg.pred_dim_
+        views = 2
+        heads = 2 * 2 * (cfg.embed_dim * p + 2 * p * p + 2 * p * q) + 2 * cfg.text_width * cfg.vocab_size * 0.15 * n
+    mult = 3 if training else 1
+    parts = {"image": views * image * mult, "text": views * text * mult, "heads": heads * mult}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint I/O
+
+
+def _atomic_write(path: str, write: Callable[[str], None]):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_model(model: DeCLIP, path: str, metadata: Optional[dict] = None):
+    """One self-describing .safetensors file: the weights, the model config and provenance as JSON
+    metadata. Written atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    model = getattr(model, "module", model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT_TAG, "config": json.dumps(model.config.to_dict()),
+            "metadata": json.dumps(metadata or {})}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path: str) -> dict:
+    """Provenance metadata stored by save_model ({} for foreign files)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get("metadata", "{}"))
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def _safe_torch_load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it is a pickle that needs arbitrary code to unpickle, which "
+            f"could run anything on this machine ({str(e).splitlines()[0][:160]})") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a checkpoint this toolkit can read ({str(e).splitlines()[0][:160]})") from None
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _count_indexed(sd: dict, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(sd: dict, text_prefix: str = "", mean=CLIP_MEAN, std=CLIP_STD) -> DeCLIPConfig:
+    """Architecture of an OpenAI/open_clip-layout (or our layout, text_prefix='text.') state dict."""
+    tp = text_prefix
+    tok = sd[tp + "token_embedding.weight"]
+    text_width = tok.shape[1]
+    proj = sd.get(tp + "text_projection.weight")
+    embed_dim = proj.shape[0] if proj is not None else sd[tp + "text_projection"].shape[1]
+    kw = dict(context_length=sd[tp + "positional_embedding"].shape[0], vocab_size=VOCAB_SIZE,
+              text_width=text_width, text_heads=max(text_width // 64, 1),
+              text_layers=_count_indexed(sd, tp + "transformer.resblocks."), embed_dim=embed_dim,
+              image_mean=mean, image_std=std)
+    if "visual.layer1.0.conv1.weight" in sd:
+        width = sd["visual.layer1.0.conv1.weight"].shape[0]
+        layers = tuple(_count_indexed(sd, f"visual.layer{i}.") for i in range(1, 5))
+        grid = int(round(math.sqrt(sd["visual.attnpool.positional_embedding"].shape[0] - 1)))
+        kw.update(vision="resnet", vision_layers=layers, vision_width=width, vision_heads=width * 32 // 64,
+                  image_size=grid * 32)
+    elif "visual.conv1.weight" in sd and "visual.class_embedding" in sd:
+        width, _, patch, _ = sd["visual.conv1.weight"].shape
+        grid = int(round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1)))
+        kw.update(vision="vit", vision_layers=(_count_indexed(sd, "visual.transformer.resblocks."),),
+                  vision_width=width, vision_heads=width // 64, patch_size=patch, image_size=grid * patch)
+    else:
+        raise CheckpointError("the state dict has neither a ModifiedResNet nor a ViT image tower")
+    return DeCLIPConfig(**kw)
+
+
+def convert_openai_state_dict(sd: dict) -> Tuple[DeCLIPConfig, dict]:
+    """OpenAI/open_clip CLIP layout -> ours (spec §3.5): text modules under `text.`, projection
+    transposed into a Linear with zero bias, token rows remapped to DeCLIP's special ids, logit
+    scale reshaped to [1]. The <|mask|> row and the DeCLIP heads are left to fresh init."""
+    sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")
+          and not k.endswith("attn_mask")}
+    cfg = infer_config(sd)
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("visual."):
+            out[k] = v
+        elif k == "text_projection":
+            out["text.text_projection.weight"] = v.t().contiguous()
+            out["text.text_projection.bias"] = torch.zeros(v.shape[1], dtype=v.dtype)
+        elif k == "token_embedding.weight":
+            new = torch.empty(VOCAB_SIZE, v.shape[1], dtype=v.dtype)
+            nn.init.normal_(new, std=0.02)
+            new[:OPENAI_SOT_ID] = v[:OPENAI_SOT_ID]
+            new[SOT_ID], new[EOT_ID] = v[OPENAI_SOT_ID], v[OPENAI_EOT_ID]
+            out["text.token_embedding.weight"] = new
+        elif k == "logit_scale":
+            out[k] = v.reshape(1)
+        elif k.startswith(("transformer.", "positional_embedding", "ln_final.")):
+            out["text." + k] = v
+    return cfg, out
+
+
+def convert_declip_state_dict(sd: dict) -> Tuple[DeCLIPConfig, dict]:
+    """Official DeCLIP / BD_DeCLIP `model` dict -> ours: strip `module.`, drop recorded activations
+    (`*_feat_*`, spec §3.4) and the dead `visual.fc` head (spec §8 item 14), `encode_text.` -> `text.`."""
+    sd = _strip(sd, "module.")
+    out = {}
+    for k, v in sd.items():
+        if "_feat_" in k or k.startswith("visual.fc.") or k.startswith("nn_replacer"):
+            continue
+        out["text." + k[len("encode_text."):] if k.startswith("encode_text.") else k] = v
+    cfg = infer_config(out, text_prefix="text.", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return cfg, out
+
+
+def _read_foreign(path: str) -> Tuple[str, dict]:
+    """(format name, raw state dict) of a checkpoint that is not ours."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return "open_clip", load_file(path)
+    if _is_torchscript(path):
+        # TorchScript archives (OpenAI's released .pt) hold TorchScript code, not pickled Python
+        # objects; torch.jit.load runs no arbitrary Python.
+        return "openai", torch.jit.load(path, map_location="cpu").state_dict()
+    obj = _safe_torch_load(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if isinstance(obj.get("model"), dict):
+        return "declip", obj["model"]
+    if isinstance(obj.get("state_dict"), dict):
+        return "open_clip", obj["state_dict"]
+    return "open_clip", obj
+
+
+def load_model(path: str, device: Union[str, torch.device] = "cpu", preset: Optional[str] = None,
+               return_info: bool = False):
+    """Load any supported checkpoint (format detected): our .safetensors, official DeCLIP .pth.tar,
+    OpenAI CLIP .pt (TorchScript or state dict), open_clip state dicts (.pt/.bin/.safetensors).
+    Returns the model in eval mode (and, with return_info, a dict: format, missing heads, metadata).
+    preset: if given, the checkpoint's architecture must match it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    info = {"format": None, "fresh": [], "dropped": [], "metadata": {}}
+    cfg = sd = None
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format", "").startswith("declip-bd"):
+            from safetensors.torch import load_file
+
+            cfg = DeCLIPConfig.from_dict(json.loads(meta["config"]))
+            sd = load_file(path)
+            info.update(format="ours", metadata=json.loads(meta.get("metadata", "{}")))
+    if sd is None:
+        fmt, raw = _read_foreign(path)
+        raw = _strip(raw, "module.")
+        if any(k.startswith("encode_text.") for k in raw):
+            cfg, sd = convert_declip_state_dict(raw)
+            info["format"] = "declip"
+        elif "text_projection" in raw:
+            cfg, sd = convert_openai_state_dict(raw)
+            info["format"] = fmt
+        elif "text.text_projection.weight" in raw:
+            cfg, sd = infer_config(raw, text_prefix="text.", mean=IMAGENET_MEAN, std=IMAGENET_STD), raw
+            info["format"] = "ours-torch"
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint format (no CLIP/DeCLIP text tower found)")
+        info["dropped"] = [k for k in raw if k.startswith("visual.fc.")]
+    if preset is not None:
+        want = get_config(preset)
+        fields = ("vision", "vision_layers", "vision_width", "embed_dim", "text_width", "text_layers")
+        diff = [f for f in fields if getattr(want, f) != getattr(cfg, f)]
+        if diff:
+            raise CheckpointError(f"{path} does not match preset {preset!r}: it differs in {', '.join(diff)}")
+    model = DeCLIP(cfg)
+    own = model.state_dict()
+    bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"{path}: tensor shapes do not match the inferred architecture: {', '.join(bad[:5])}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    heads = ("projector.", "predictor.", "text_label_predictor.")
+    info["fresh"] = sorted({k.split(".")[0] for k in missing if k.startswith(heads)})
+    other = [k for k in missing if not k.startswith(heads)]
+    if other or unexpected:
+        raise CheckpointError(f"{path}: missing {other[:5]} unexpected {list(unexpected)[:5]}")
+    model.to(device).eval()
+    return (model, info) if return_info else model
