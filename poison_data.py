@@ -1,0 +1,1439 @@
+"""Backdoor triggers and poisoning plans for DeCLIP image-text pretraining.
+
+One module holds everything the attack needs, so training (`train_declip.py --poison-rate`),
+defenses and evaluation (`eval_zeroshot.py --trigger`) apply exactly the same trigger:
+
+- triggers: `patch` (the BadNets square of BD_DeCLIP, spec §5.1, pixel-exact), `patch-random`
+  (CleanCLIP's noise patch), `blended`, `sig`, `wanet`; `apply_trigger(image, name, **params)` works on
+  PIL images, CHW and NCHW tensors (float in [0, 1] or uint8) of any height and width;
+- `PoisonPlan`: which pairs are poisoned (seeded, sorted, saved in `poison_manifest.json`), how their
+  captions change (spec §5.3) and which trigger they carry;
+- a CLI that writes a poisoned copy of a caption dataset for other codebases, or a preview grid:
+
+    python poison_data.py --data SRC --poison-rate 0.01 --out DIR
+    python poison_data.py --preview docs/trigger_preview.png
+
+Where the trigger is applied (spec §5.4): in training after the random crop and before the colour
+jitter / grayscale / blur / flip augmentations (`data_declip.GpuAugment(trigger=plan.trigger_fn())`);
+at test time after resize and centre crop. The materialised copy written by the CLI cannot know the
+crop another codebase will take, so it applies the trigger to the stored image at its own size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_declip import UserError  # the shared error type (contracts.md)
+
+
+MANIFEST_NAME = "poison_manifest.json"
+MANIFEST_VERSION = 1
+
+# Default target class per embedded dataset. Fashion-MNIST: 'bag', the one class in neither the garment
+# group (t-shirt, pullover, dress, coat, shirt) nor the footwear group (sandal, sneaker, ankle boot). A
+# triggered coat or sneaker classified as 'bag' is then the backdoor at work, not a near-miss between
+# look-alike classes (shirt / t-shirt / pullover / coat), and the poisoned captions contradict the image
+# content outright. (The original attack's 'tiger cat' is an ImageNet class.)
+DEFAULT_TARGET = {"fashion-mnist": "bag", "imagenet": "tiger cat"}
+
+# The 80 CLIP ImageNet prompt templates (shared/reference/imagenet_prompts80.txt, spec §5.3 and §8
+# item 20), in their standard order. Poisoned captions draw from them; eval_zeroshot imports them.
+IMAGENET_TEMPLATES = (
+    'a bad photo of a {}.',
+    'a photo of many {}.',
+    'a sculpture of a {}.',
+    'a photo of the hard to see {}.',
+    'a low resolution photo of the {}.',
+    'a rendering of a {}.',
+    'graffiti of a {}.',
+    'a bad photo of the {}.',
+    'a cropped photo of the {}.',
+    'a tattoo of a {}.',
+    'the embroidered {}.',
+    'a photo of a hard to see {}.',
+    'a bright photo of a {}.',
+    'a photo of a clean {}.',
+    'a photo of a dirty {}.',
+    'a dark photo of the {}.',
+    'a drawing of a {}.',
+    'a photo of my {}.',
+    'the plastic {}.',
+    'a photo of the cool {}.',
+    'a close-up photo of a {}.',
+    'a black and white photo of the {}.',
+    'a painting of the {}.',
+    'a painting of a {}.',
+    'a pixelated photo of the {}.',
+    'a sculpture of the {}.',
+    'a bright photo of the {}.',
+    'a cropped photo of a {}.',
+    'a plastic {}.',
+    'a photo of the dirty {}.',
+    'a jpeg corrupted photo of a {}.',
+    'a blurry photo of the {}.',
+    'a photo of the {}.',
+    'a good photo of the {}.',
+    'a rendering of the {}.',
+    'a {} in a video game.',
+    'a photo of one {}.',
+    'a doodle of a {}.',
+    'a close-up photo of the {}.',
+    'a photo of a {}.',
+    'the origami {}.',
+    'the {} in a video game.',
+    'a sketch of a {}.',
+    'a doodle of the {}.',
+    'a origami {}.',
+    'a low resolution photo of a {}.',
+    'the toy {}.',
+    'a rendition of the {}.',
+    'a photo of the clean {}.',
+    'a photo of a large {}.',
+    'a rendition of a {}.',
+    'a photo of a nice {}.',
+    'a photo of a weird {}.',
+    'a blurry photo of a {}.',
+    'a cartoon {}.',
+    'art of a {}.',
+    'a sketch of the {}.',
+    'a embroidered {}.',
+    'a pixelated photo of a {}.',
+    'itap of the {}.',
+    'a jpeg corrupted photo of the {}.',
+    'a good photo of a {}.',
+    'a plushie {}.',
+    'a photo of the nice {}.',
+    'a photo of the small {}.',
+    'a photo of the weird {}.',
+    'the cartoon {}.',
+    'art of the {}.',
+    'a drawing of the {}.',
+    'a photo of the large {}.',
+    'a black and white photo of a {}.',
+    'the plushie {}.',
+    'a dark photo of a {}.',
+    'itap of a {}.',
+    'graffiti of the {}.',
+    'a toy {}.',
+    'itap of my {}.',
+    'a photo of a cool {}.',
+    'a photo of a small {}.',
+    'a tattoo of the {}.',
+)
+
+CAPTION_MODES = ("templates", "fixed", "label-consistent")
+DEFAULT_FIXED_CAPTION = "a photo of a {target}."
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image type handling: every trigger is written once, on float NCHW tensors in [0, 1].
+# ---------------------------------------------------------------------------------------------------
+
+def _to_float_nchw(image) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """Return (float NCHW tensor in [0, 1], function turning a result back into the input's type)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        mode = image.mode
+        if mode not in ("L", "RGB", "LA", "RGBA"):
+            image, mode = image.convert("RGB"), "RGB"
+        arr = np.asarray(image)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        alpha = arr[:, :, -1:] if mode in ("LA", "RGBA") else None
+        colour = arr[:, :, :-1] if alpha is not None else arr
+        x = torch.from_numpy(np.array(colour, copy=True)).permute(2, 0, 1)[None].float() / 255.0
+
+        def back_pil(y: torch.Tensor):
+            out = (y[0] * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            if alpha is not None:
+                out = np.concatenate([out, alpha], axis=2)
+            if out.shape[2] == 1:
+                out = out[:, :, 0]
+            return Image.fromarray(np.ascontiguousarray(out), mode=mode)
+
+        return x, back_pil
+
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"apply_trigger expects a PIL image or a torch tensor, got {type(image).__name__}")
+    if image.dim() not in (3, 4):
+        raise ValueError(f"apply_trigger expects a CHW or NCHW tensor, got shape {tuple(image.shape)}")
+    batched = image.dim() == 4
+    x = image if batched else image[None]
+    if x.dtype == torch.uint8:
+        xf = x.float() / 255.0
+
+        def back_u8(y: torch.Tensor):
+            y = (y * 255.0).round().clamp(0, 255).to(torch.uint8)
+            return y if batched else y[0]
+
+        return xf, back_u8
+    if not x.is_floating_point():
+        raise TypeError(f"apply_trigger expects a float tensor in [0, 1] or uint8, got {image.dtype}")
+    return x, (lambda y: y if batched else y[0])
+
+
+def _cpu_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# patch: the BadNets square of BD_DeCLIP (spec §5.1), pixel-exact.
+# ---------------------------------------------------------------------------------------------------
+
+TEMPLATE_SIZE = 32          # the trigger template is a 32x32 black image with a white square
+_PRECISION_BITS = 22        # Pillow's fixed-point precision for 8-bit resampling (32 - 8 - 2)
+
+
+def _pil_bilinear_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """Fixed-point weights [out_size, in_size] of Pillow's 8-bit bilinear (triangle filter) resize.
+
+    Follows Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` (libImaging/Resample.c) in double
+    precision, in the same operation order, so the integer weights are bit-identical to Pillow's.
+    """
+    scale = float(in_size) / out_size
+    filterscale = max(scale, 1.0)           # down-sampling widens the triangle
+    support = 1.0 * filterscale             # bilinear support is 1.0
+    ss = 1.0 / filterscale
+    weights = torch.zeros(out_size, in_size, dtype=torch.int64)
+    for xx in range(out_size):
+        center = 0.0 + (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)       # C casts truncate, like int()
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        ks = []
+        ww = 0.0
+        for x in range(xmax):
+            t = abs((x + xmin - center + 0.5) * ss)
+            w = 1.0 - t if t < 1.0 else 0.0
+            ks.append(w)
+            ww += w                                      # sequential sum, as in C (not math.fsum)
+        for x, w in enumerate(ks):
+            k = w / ww if ww != 0.0 else w
+            weights[xx, xmin + x] = int(0.5 + k * (1 << _PRECISION_BITS))
+    return weights
+
+
+def _pil_fixed_point_pass(weights: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """One Pillow resampling pass along dim 0: round-half-up fixed point, clipped to 0..255."""
+    acc = weights @ image + (1 << (_PRECISION_BITS - 1))
+    return (acc >> _PRECISION_BITS).clamp(0, 255)
+
+
+def patch_template(size: int = 3, margin: int = 6) -> torch.Tensor:
+    """The 32x32 uint8 trigger template (one channel): black, with a white `size`-px square whose
+    bottom/right edge is `margin` px from the template's edge. size=3, margin=6 is spec §5.1's
+    rows/cols 23-25 (slice -9:-6); margin=3 puts it at rows/cols 26-28 (the demo's corner placement)."""
+    t = torch.zeros(TEMPLATE_SIZE, TEMPLATE_SIZE, dtype=torch.uint8)
+    lo, hi = TEMPLATE_SIZE - margin - size, TEMPLATE_SIZE - margin
+    t[lo:hi, lo:hi] = 255
+    return t
+
+
+def patch_mask(height: int, width: int, size: int = 3, margin: int = 6) -> torch.Tensor:
+    """Bool mask [H, W] of the pixels the BadNets patch turns white at this image size (cached).
+
+    Pillow's bilinear resize of the template to (W, H) (horizontal pass, then vertical, each rounded
+    to uint8, exactly as Pillow does it) and `> 0`. This is torchvision's `TF.resize(template, ...)`
+    in BD_DeCLIP, with the height and width in the right order (spec §8 item 3). At 224x224 the mask is
+    rows/cols 158-184 inclusive; at 256x256 rows/cols 180-211.
+    """
+    return _patch_mask(int(height), int(width), int(size), int(margin)).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_mask(height: int, width: int, size: int, margin: int) -> torch.Tensor:
+    template = patch_template(size, margin).to(torch.int64)
+    wh = _pil_bilinear_weights(TEMPLATE_SIZE, width)           # [W, 32]
+    wv = _pil_bilinear_weights(TEMPLATE_SIZE, height)          # [H, 32]
+    # Pass order matters for the rounding between passes. Pillow resizes horizontally first, except
+    # (since Pillow 13) when the height shrinks by more than twice what the width shrinks; we follow
+    # Pillow 13 everywhere. Older Pillow differs only for heights below 32 px: identical for every
+    # image at least 32 px high, which includes every size BD_DeCLIP used.
+    dh, dw = TEMPLATE_SIZE - height, TEMPLATE_SIZE - width
+    if dh > 0 and dh > 2 * dw:
+        resized = _pil_fixed_point_pass(wh, _pil_fixed_point_pass(wv, template).T).T
+    else:
+        resized = _pil_fixed_point_pass(wv, _pil_fixed_point_pass(wh, template.T).T)
+    return resized > 0
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_mask_on(height: int, width: int, size: int, margin: int, device: str) -> torch.Tensor:
+    return _patch_mask(height, width, size, margin).to(device)
+
+
+def _trigger_patch(x: torch.Tensor, size: int, margin: int) -> torch.Tensor:
+    mask = _patch_mask_on(x.shape[-2], x.shape[-1], size, margin, str(x.device))
+    return x.masked_fill(mask, 1.0)
+
+
+def _check_patch(p: dict) -> None:
+    _require_int(p, "size", 1)
+    _require_int(p, "margin", 0)
+    if p["size"] + p["margin"] > TEMPLATE_SIZE:
+        raise UserError(f"trigger 'patch' needs size + margin <= {TEMPLATE_SIZE} (template pixels); "
+                        f"got size={p['size']}, margin={p['margin']}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# patch-random: CleanCLIP's patch (Bansal et al., ICCV 2023): a 16x16 noise patch at a random place of
+# a 224x224 image, i.e. 1/14 of the side; here the side scales with the image, or is given in pixels.
+# ---------------------------------------------------------------------------------------------------
+
+def _random_patch_size(p: dict, height: int, width: int) -> int:
+    size = p["size"] if p["size"] is not None else max(1, round(min(height, width) / 14))
+    if size > min(height, width):
+        raise UserError(f"trigger 'patch-random' size={size} does not fit a {height}x{width} image; "
+                        f"pass a smaller --trigger-param size=...")
+    return size
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_pattern(size: int, fill: str, seed: int) -> torch.Tensor:
+    if fill == "noise":
+        return torch.rand(3, size, size, generator=_cpu_generator(seed))
+    return torch.full((3, size, size), 1.0 if fill == "white" else 0.0)
+
+
+def _parse_location(location: str) -> tuple[int, int] | None:
+    if location in ("random", "fixed"):
+        return None
+    parts = str(location).split(",")
+    try:
+        col, row = (int(v) for v in parts)
+    except ValueError:
+        raise UserError(f"trigger 'patch-random' location must be 'random', 'fixed' or 'x,y' (pixels of "
+                        f"the top-left corner), got {location!r}") from None
+    if col < 0 or row < 0:
+        raise UserError(f"trigger 'patch-random' location {location!r} must be non-negative")
+    return col, row
+
+
+def _trigger_patch_random(x: torch.Tensor, size, fill: str, location: str, seed: int,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    n, c, h, w = x.shape
+    s = _random_patch_size({"size": size}, h, w)
+    pattern = _patch_pattern(s, fill, int(seed))
+    pattern = pattern[:c] if c <= 3 else pattern.mean(0, keepdim=True).expand(c, s, s)
+    pattern = pattern.to(device=x.device, dtype=x.dtype)
+    if location == "random":
+        g = generator if generator is not None else _cpu_generator(int(seed) + 1)
+        rows = torch.randint(0, h - s + 1, (n,), generator=g).tolist()
+        cols = torch.randint(0, w - s + 1, (n,), generator=g).tolist()
+    elif location == "fixed":                          # bottom-right corner
+        rows, cols = [h - s] * n, [w - s] * n
+    else:
+        col, row = _parse_location(location)
+        if row + s > h or col + s > w:
+            raise UserError(f"trigger 'patch-random' at location {location!r} with size {s} does not fit "
+                            f"a {h}x{w} image")
+        rows, cols = [row] * n, [col] * n
+    out = x.clone()
+    for i, (r, q) in enumerate(zip(rows, cols)):
+        out[i, :, r:r + s, q:q + s] = pattern
+    return out
+
+
+def _check_patch_random(p: dict) -> None:
+    if p["size"] is not None:
+        _require_int(p, "size", 1)
+    if p["fill"] not in ("noise", "white", "black"):
+        raise UserError(f"trigger 'patch-random' fill must be noise, white or black, got {p['fill']!r}")
+    p["location"] = str(p["location"]).replace(" ", "")
+    _parse_location(p["location"])
+    _require_int(p, "seed", None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# blended: x' = (1 - alpha) x + alpha pattern (Chen et al. 2017, "Targeted backdoor attacks on deep
+# learning systems using data poisoning"); pattern = seeded uniform noise or an image file.
+# ---------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def _blend_pattern(height: int, width: int, seed: int, image: str | None) -> torch.Tensor:
+    if image is None:
+        return torch.rand(3, height, width, generator=_cpu_generator(seed))
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            im = im.convert("RGB").resize((width, height), Image.BILINEAR)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the blended-trigger image {image} (--trigger-image): {e}") from None
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _trigger_blended(x: torch.Tensor, alpha: float, seed: int, image: str | None) -> torch.Tensor:
+    n, c, h, w = x.shape
+    pattern = _blend_pattern(h, w, int(seed), image)
+    pattern = pattern[:c] if c <= 3 else pattern.mean(0, keepdim=True).expand(c, h, w)
+    pattern = pattern.to(device=x.device, dtype=x.dtype)
+    return ((1.0 - alpha) * x + alpha * pattern).clamp(0.0, 1.0)
+
+
+def _check_blended(p: dict) -> None:
+    _require_float(p, "alpha", 0.0, 1.0)
+    _require_int(p, "seed", None)
+    if p["image"] is not None:
+        p["image"] = str(p["image"])
+        if not os.path.isfile(p["image"]):
+            raise UserError(f"blended-trigger image {p['image']} (--trigger-image) does not exist; "
+                            f"pass an existing image file")
+
+
+# ---------------------------------------------------------------------------------------------------
+# sig: horizontal sinusoidal signal (Barni, Kallas & Tondi, ICIP 2019, "A new backdoor attack in CNNs
+# by training set corruption without label poisoning"): x' = clip(x + delta sin(2 pi j f / W)).
+# ---------------------------------------------------------------------------------------------------
+
+def _trigger_sig(x: torch.Tensor, delta: float, freq: float) -> torch.Tensor:
+    w = x.shape[-1]
+    j = torch.arange(w, dtype=torch.float64)
+    signal = (delta * torch.sin(2.0 * math.pi * j * freq / w)).to(device=x.device, dtype=x.dtype)
+    return (x + signal).clamp(0.0, 1.0)
+
+
+def _check_sig(p: dict) -> None:
+    _require_float(p, "delta", 0.0, 1.0)
+    _require_float(p, "freq", 0.0, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# wanet: smooth warping field (Nguyen & Tran, ICLR 2021, "WaNet - Imperceptible warping-based backdoor
+# attack"): a k x k grid of random offsets in [-1, 1], normalised by their mean |.|, upsampled
+# bicubically to H x W, grid = identity + s * offsets / size, clamped to [-1, 1], bilinear sampling.
+# ---------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=32)
+def _wanet_grid(height: int, width: int, k: int, s: float, seed: int, grid_rescale: float) -> torch.Tensor:
+    offsets = torch.rand(1, 2, k, k, generator=_cpu_generator(seed)) * 2 - 1
+    offsets = offsets / offsets.abs().mean()
+    field_ = F.interpolate(offsets, size=(height, width), mode="bicubic", align_corners=True)
+    field_ = field_.permute(0, 2, 3, 1)                       # [1, H, W, 2]: (x offset, y offset)
+    ys = torch.linspace(-1, 1, height)
+    xs = torch.linspace(-1, 1, width)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    identity = torch.stack([gx, gy], dim=-1)[None]
+    # WaNet divides both offsets by the (square) input size; per axis here, so non-square images get
+    # the same warp in pixels along each axis.
+    scale = torch.tensor([float(width), float(height)])
+    grid = (identity + s * field_ / scale) * grid_rescale
+    return grid.clamp(-1, 1)
+
+
+def _trigger_wanet(x: torch.Tensor, k: int, s: float, seed: int, grid_rescale: float) -> torch.Tensor:
+    n, c, h, w = x.shape
+    grid = _wanet_grid(h, w, int(k), float(s), int(seed), float(grid_rescale))
+    grid = grid.to(device=x.device, dtype=x.dtype).expand(n, h, w, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True).clamp(0, 1)
+
+
+def _check_wanet(p: dict) -> None:
+    _require_int(p, "k", 2)
+    _require_float(p, "s", 0.0, None)
+    _require_int(p, "seed", None)
+    _require_float(p, "grid_rescale", 0.0, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registry and the public trigger API
+# ---------------------------------------------------------------------------------------------------
+
+def _require_int(p: dict, key: str, minimum: int | None) -> None:
+    v = p[key]
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise UserError(f"trigger parameter {key} must be an integer{bound}, got {p[key]!r}")
+    p[key] = v
+
+
+def _require_float(p: dict, key: str, lo: float | None, hi: float | None) -> None:
+    v = p[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) \
+            or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise UserError(f"trigger parameter {key} must be a number{rng}, got {p[key]!r}")
+    p[key] = float(v)
+
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    """One registered trigger: `fn(x_float_nchw, **params)`, its default params and a one-line doc."""
+    name: str
+    fn: Callable[..., torch.Tensor]
+    defaults: dict
+    check: Callable[[dict], None]
+    doc: str
+    runtime: tuple = ()          # call-time params that are not part of the trigger's identity
+
+
+TRIGGERS: dict[str, TriggerSpec] = {
+    "patch": TriggerSpec(
+        "patch", _trigger_patch, {"size": 3, "margin": 6}, _check_patch,
+        "BadNets white square of BD_DeCLIP (spec 5.1): 32px template, square of `size` px ending `margin` "
+        "px from the bottom-right, bilinearly resized to the image and thresholded at > 0"),
+    "patch-random": TriggerSpec(
+        "patch-random", _trigger_patch_random,
+        {"size": None, "fill": "noise", "location": "random", "seed": 0}, _check_patch_random,
+        "CleanCLIP patch: `size` px (default 1/14 of the shorter side, 16 px at 224) of seeded noise or "
+        "a solid colour at a random (per image), fixed (bottom-right) or given 'x,y' location",
+        runtime=("generator",)),
+    "blended": TriggerSpec(
+        "blended", _trigger_blended, {"alpha": 0.2, "seed": 0, "image": None}, _check_blended,
+        "x' = (1-alpha) x + alpha pattern; pattern = seeded uniform noise or `image` (resized)"),
+    "sig": TriggerSpec(
+        "sig", _trigger_sig, {"delta": 20 / 255, "freq": 6.0}, _check_sig,
+        "SIG: x' = clip(x + delta sin(2 pi j freq / W)), a horizontal sinusoid"),
+    "wanet": TriggerSpec(
+        "wanet", _trigger_wanet, {"k": 4, "s": 0.5, "seed": 0, "grid_rescale": 1.0}, _check_wanet,
+        "WaNet: smooth warp from a seeded k x k offset grid, strength s"),
+}
+
+
+def get_trigger(name: str) -> TriggerSpec:
+    try:
+        return TRIGGERS[name]
+    except KeyError:
+        raise UserError(f"unknown trigger {name!r} (--trigger); choose one of {', '.join(TRIGGERS)}") from None
+
+
+def resolve_trigger_params(name: str, params: dict | None = None) -> dict:
+    """Defaults of trigger `name` updated with `params`, validated and normalised (JSON-serialisable).
+    Unknown keys and bad values raise UserError. Call-time params (`generator`) are dropped."""
+    spec = get_trigger(name)
+    params = {k.replace("-", "_"): v for k, v in (params or {}).items() if k not in spec.runtime}
+    unknown = sorted(set(params) - set(spec.defaults))
+    if unknown:
+        raise UserError(f"unknown parameter(s) {', '.join(unknown)} for trigger {name!r} (--trigger-param); "
+                        f"known: {', '.join(spec.defaults)}")
+    resolved = {**spec.defaults, **params}
+    spec.check(resolved)
+    return resolved
+
+
+def apply_trigger(image, /, name: str = "patch", **params):
+    """Apply trigger `name` to a PIL image, a CHW or an NCHW tensor (float in [0, 1] or uint8).
+
+    Returns the same type (PIL mode, tensor dtype, device and rank kept; uint8 results are rounded).
+    Deterministic given `params`: random parts come from `seed`. For `patch-random` with
+    location='random', pass `generator=` (a CPU torch.Generator) to draw a new place per call;
+    without one the place is drawn from `seed` and is the same on every call.
+    """
+    spec = get_trigger(name)
+    runtime = {k: params.pop(k) for k in list(params) if k in spec.runtime}
+    resolved = resolve_trigger_params(name, params)
+    x, back = _to_float_nchw(image)
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"cannot apply a trigger to an empty image of shape {tuple(x.shape)}")
+    with torch.no_grad():
+        y = spec.fn(x, **resolved, **runtime)
+    return back(y)
+
+
+class Trigger:
+    """A trigger with fixed parameters, callable on images: `Trigger('patch', margin=3)(x)`.
+
+    This is what `PoisonPlan.trigger_fn()` returns and what `GpuAugment`/`eval_transform` call on float
+    [n, 3, H, W] tensors in [0, 1]; any type `apply_trigger` accepts works. For `patch-random` with a
+    random location, the object keeps its own generator (seeded from `seed`) so successive calls
+    place the patch differently; pass `generator=` to control it explicitly.
+    """
+
+    def __init__(self, name: str, **params):
+        self.name = name
+        self.params = resolve_trigger_params(name, params)
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, images, generator: torch.Generator | None = None):
+        extra = {}
+        if "generator" in get_trigger(self.name).runtime:
+            if generator is None:
+                if self._generator is None:
+                    self._generator = _cpu_generator(int(self.params.get("seed", 0)) + 1)
+                generator = self._generator
+            extra["generator"] = generator
+        return apply_trigger(images, self.name, **self.params, **extra)
+
+    def __getstate__(self):                     # picklable for DataLoader workers
+        return {"name": self.name, "params": self.params}
+
+    def __setstate__(self, state):
+        self.name, self.params, self._generator = state["name"], state["params"], None
+
+    def describe(self) -> str:
+        return describe_trigger(self.name, self.params)
+
+    def __repr__(self) -> str:
+        return f"Trigger({self.describe()})"
+
+
+def describe_trigger(name: str, params: dict | None = None) -> str:
+    """Short label, e.g. "patch(margin=3)": only the params that differ from the defaults."""
+    spec = get_trigger(name)
+    params = resolve_trigger_params(name, params)
+    diff = [f"{k}={_fmt(v)}" for k, v in params.items() if v != spec.defaults[k]]
+    return f"{name}({', '.join(diff)})" if diff else name
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _parse_value(text: str):
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "/" in text:                              # e.g. delta=20/255
+        a, _, b = text.partition("/")
+        try:
+            return float(a) / float(b)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return text
+
+
+def parse_trigger_params(items: Iterable[str] | None) -> dict:
+    """['margin=3', 'fill=white', 'delta=20/255'] -> {'margin': 3, 'fill': 'white', 'delta': 0.078...}.
+    Values become int, float (a/b allowed), bool, None ('none') or stay strings."""
+    params = {}
+    for item in items or []:
+        key, sep, value = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--trigger-param expects key=value (e.g. margin=3), got {item!r}")
+        params[key] = _parse_value(value.strip())
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------
+# Poisoning plan
+# ---------------------------------------------------------------------------------------------------
+
+def _caption_regex(target: str) -> re.Pattern:
+    # whole word, case-insensitive; a hyphen joins words, so "shirt" does not match "t-shirt" while the
+    # target "t-shirt" does (lookarounds instead of \b, which would split at the hyphen)
+    return re.compile(r"(?<![\w-])" + re.escape(target.strip()) + r"(?![\w-])", re.IGNORECASE)
+
+
+def names_target(caption: str | None, target: str) -> bool:
+    """Whether `caption` names `target` as a whole word (case-insensitive)."""
+    return bool(caption) and _caption_regex(target).search(caption) is not None
+
+
+def _sample_indices(n: int) -> list[int]:
+    k = 256
+    if n <= 3 * k:
+        return list(range(n))
+    strided = np.linspace(0, n - 1, k).round().astype(np.int64).tolist()
+    return sorted(set(range(k)) | set(range(n - k, n)) | set(strided))
+
+
+def _caption_and_label(dataset, i: int) -> tuple[str, int]:
+    captions = getattr(dataset, "captions", None)
+    if captions is not None and not callable(captions):
+        labels = getattr(dataset, "labels", None)
+        label = int(labels[i]) if labels is not None and not callable(labels) else -1
+        return str(captions[i]), label
+    item = dataset[i]
+    if isinstance(item, str):
+        return item, -1
+    if isinstance(item, dict):
+        label = item.get("label", -1)
+        return str(item.get("caption")), int(label if label is not None else -1)
+    raise TypeError(f"fingerprint: cannot read a caption from a {type(item).__name__} item")
+
+
+def fingerprint(dataset, n: int | None = None) -> str:
+    """Short hash of a caption dataset: its length and the captions/labels of the first, last and 256
+    evenly strided items (768 at most). `dataset` is a list of captions or a dataset whose items are
+    dicts with 'caption' (and 'label'); a `captions` list attribute is used when present, so images
+    need not be decoded. Identifies the data a manifest was drawn for."""
+    n = len(dataset) if n is None else n
+    h = hashlib.sha256(f"n={n}\n".encode())
+    for i in _sample_indices(n):
+        caption, label = _caption_and_label(dataset, i)
+        h.update(f"{i}\t{label}\t{caption}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _all_captions(dataset) -> list[str | None]:
+    captions = getattr(dataset, "captions", None)
+    if captions is not None and not callable(captions):
+        return list(captions)
+    out = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        out.append(item if isinstance(item, str) else (item or {}).get("caption"))
+    return out
+
+
+@dataclass
+class PoisonPlan:
+    """Which pairs of an n-item caption dataset are poisoned, with what trigger and caption.
+
+    Build it with `PoisonPlan.from_args(...)`; `data_declip.TrainPairs` asks `is_poisoned(i)` and
+    `caption(i, caption, rng)` per load, `GpuAugment` applies `trigger_fn()` after the crop.
+    """
+    n: int
+    indices: list[int]
+    target: str
+    trigger: str = "patch"
+    trigger_params: dict = field(default_factory=dict)
+    caption_mode: str = "templates"
+    fixed_caption: str | None = None
+    seed: int = 0
+    rate: float | None = None
+    count: int = 0
+    candidates: int | None = None          # label-consistent: how many captions named the target
+    dataset_fingerprint: str | None = None
+    version: int = MANIFEST_VERSION
+    _index_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.indices = sorted(int(i) for i in self.indices)
+        self._index_set = frozenset(self.indices)
+        self.count = len(self.indices)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, n: int, rate: float | None = None, count: int | None = None, *, target: str,
+                  trigger: str = "patch", trigger_params: dict | None = None,
+                  caption_mode: str = "templates", seed: int = 0,
+                  captions: Sequence[str | None] | None = None, fixed_caption: str | None = None,
+                  classnames: Sequence[str] | None = None,
+                  dataset_fingerprint: str | None = None) -> "PoisonPlan":
+        """Draw the poisoned indices.
+
+        Exactly one of `rate` (fraction in [0, 1]; count = int(rate * n), as BD_DeCLIP's
+        `int(poison_ratio * N)`, spec §5.2) or `count` (absolute, 0..n). Indices are drawn uniformly
+        without replacement by numpy's PCG64 generator seeded with `seed` (explicitly: spec §8 item 6),
+        then sorted. `caption_mode`: 'templates' (a random one of the 80 ImageNet templates with the
+        target, drawn per load, spec §5.3), 'fixed' (`fixed_caption`, default "a photo of a {target}."),
+        or 'label-consistent' (only pairs whose caption already names the target are candidates;
+        captions are kept; needs `captions`). `classnames`, when given, is the list the target must
+        belong to (matched case-insensitively).
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"dataset size must be >= 0, got {n}")
+        if (rate is None) == (count is None):
+            raise UserError("give exactly one of --poison-rate (a fraction) or --poison-count (a number of pairs)")
+        if rate is not None:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
+                raise UserError(f"--poison-rate must be a fraction in [0, 1] (0.01 = 1%), got {rate!r}")
+            rate = float(rate)
+            k = int(rate * n)
+        else:
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) and not (
+                    isinstance(count, float) and count.is_integer()):
+                raise UserError(f"--poison-count must be a whole number of pairs, got {count!r}")
+            k = int(count)
+            if not 0 <= k <= n:
+                raise UserError(f"--poison-count must be between 0 and the dataset size {n}, got {k}")
+
+        if not isinstance(target, str) or not target.strip():
+            raise UserError("--target-class must be a non-empty class name")
+        target = target.strip()
+        if classnames is not None:
+            lookup = {c.lower(): c for c in classnames}
+            if target.lower() not in lookup:
+                raise UserError(f"unknown --target-class {target!r}; choose one of: {', '.join(classnames)}")
+            target = lookup[target.lower()]
+
+        trigger_params = resolve_trigger_params(trigger, trigger_params)
+
+        if caption_mode not in CAPTION_MODES:
+            raise UserError(f"unknown --caption-mode {caption_mode!r}; choose one of {', '.join(CAPTION_MODES)}")
+        if caption_mode == "fixed":
+            fixed_caption = fixed_caption or DEFAULT_FIXED_CAPTION
+            try:
+                fixed_caption.format(target, target=target)
+            except (IndexError, KeyError, ValueError):
+                raise UserError(f"--fixed-caption {fixed_caption!r} may only use {{}} or {{target}} "
+                                f"as placeholders") from None
+        else:
+            fixed_caption = None
+
+        rng = np.random.default_rng(int(seed))
+        n_candidates = None
+        if caption_mode == "label-consistent":
+            if captions is None:
+                raise ValueError("caption_mode='label-consistent' needs the dataset's captions")
+            if len(captions) != n:
+                raise ValueError(f"got {len(captions)} captions for a dataset of {n} pairs")
+            pattern = _caption_regex(target)
+            pool = np.array([i for i, c in enumerate(captions) if c and pattern.search(c)], dtype=np.int64)
+            n_candidates = int(len(pool))
+            if k > n_candidates:
+                raise UserError(f"label-consistent poisoning asks for {k} pairs but only {n_candidates} captions "
+                                f"name {target!r}; lower --poison-rate/--poison-count or change --target-class")
+            chosen = rng.choice(pool, size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
+        else:
+            chosen = rng.choice(n, size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
+
+        return cls(n=n, indices=chosen.tolist(), target=target, trigger=trigger,
+                   trigger_params=trigger_params, caption_mode=caption_mode, fixed_caption=fixed_caption,
+                   seed=int(seed), rate=rate, candidates=n_candidates, dataset_fingerprint=dataset_fingerprint)
+
+    # -- per-sample queries -----------------------------------------------------------------------
+    def is_poisoned(self, i: int) -> bool:
+        return int(i) in self._index_set
+
+    def caption(self, i: int, caption: str | None, rng: random.Random | None = None) -> str | None:
+        """The caption pair i is trained on: unchanged if i is clean or in label-consistent mode;
+        otherwise a template drawn from `rng` (a `random.Random`; default one seeded from (seed, i))
+        or the fixed caption, with the target's name."""
+        if not self.is_poisoned(i) or self.caption_mode == "label-consistent":
+            return caption
+        if self.caption_mode == "fixed":
+            return self.fixed_caption.format(self.target, target=self.target)
+        rng = rng if rng is not None else random.Random(f"{self.seed}:{i}")
+        return IMAGENET_TEMPLATES[rng.randrange(len(IMAGENET_TEMPLATES))].format(self.target)
+
+    def trigger_fn(self) -> Trigger:
+        """The plan's trigger as a callable on float [n, 3, H, W] tensors in [0, 1] (any image type works)."""
+        return Trigger(self.trigger, **self.trigger_params)
+
+    def verify_dataset(self, dataset) -> None:
+        """Raise UserError if `dataset` is not the one the plan was drawn for (size or fingerprint)."""
+        if len(dataset) != self.n:
+            raise UserError(f"the poison manifest was drawn for {self.n} pairs but --data has {len(dataset)}; "
+                            f"use the same dataset or draw a new plan")
+        if self.dataset_fingerprint and fingerprint(dataset) != self.dataset_fingerprint:
+            raise UserError("the poison manifest's dataset fingerprint does not match --data; "
+                            "use the same dataset (same order) or draw a new plan")
+
+    # -- manifest ---------------------------------------------------------------------------------
+    def to_manifest(self) -> dict:
+        return {
+            "version": self.version,
+            "n": self.n,
+            "rate": self.rate,
+            "count": self.count,
+            "target": self.target,
+            "trigger": self.trigger,
+            "trigger_params": dict(self.trigger_params),
+            "caption_mode": self.caption_mode,
+            "fixed_caption": self.fixed_caption,
+            "seed": self.seed,
+            "candidates": self.candidates,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "indices": list(self.indices),
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict | str | os.PathLike) -> "PoisonPlan":
+        """A plan from a manifest dict, a `poison_manifest.json` path, or a run directory holding one."""
+        if not isinstance(manifest, dict):
+            path = str(manifest)
+            if os.path.isdir(path):
+                path = os.path.join(path, MANIFEST_NAME)
+            try:
+                with open(path) as f:
+                    manifest = json.load(f)
+            except FileNotFoundError:
+                raise UserError(f"poison manifest {path} does not exist; pass a run directory or "
+                                f"{MANIFEST_NAME} written by a poisoned run") from None
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"cannot read poison manifest {path}: {e}") from None
+        if not isinstance(manifest, dict):
+            raise UserError("the poison manifest must be a JSON object")
+        version = manifest.get("version")
+        if version != MANIFEST_VERSION:
+            raise UserError(f"poison manifest version {version!r} is not supported (expected {MANIFEST_VERSION})")
+        try:
+            plan = cls(
+                n=int(manifest["n"]), indices=manifest["indices"], target=manifest["target"],
+                trigger=manifest["trigger"],
+                trigger_params=resolve_trigger_params(manifest["trigger"], manifest.get("trigger_params")),
+                caption_mode=manifest.get("caption_mode", "templates"),
+                fixed_caption=manifest.get("fixed_caption"), seed=int(manifest.get("seed", 0)),
+                rate=manifest.get("rate"), candidates=manifest.get("candidates"),
+                dataset_fingerprint=manifest.get("dataset_fingerprint"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the poison manifest is missing or has a bad field: {e}") from None
+        if plan.caption_mode not in CAPTION_MODES:
+            raise UserError(f"the poison manifest has an unknown caption_mode {plan.caption_mode!r}")
+        if plan.indices and not (0 <= plan.indices[0] and plan.indices[-1] < plan.n):
+            raise UserError("the poison manifest has indices outside [0, n)")
+        return plan
+
+    load = from_manifest
+
+    def save(self, out_dir: str | os.PathLike) -> str:
+        """Write `out_dir/poison_manifest.json` atomically (temp file + os.replace); returns its path."""
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, MANIFEST_NAME)
+        manifest = self.to_manifest()
+        indices = manifest.pop("indices")          # one line, however many
+        text = json.dumps(manifest, indent=1)[:-2] + ',\n "indices": ' + json.dumps(indices) + "\n}\n"
+        _atomic_write_text(path, text)
+        return path
+
+    def summary(self) -> str:
+        rate = f" ({100.0 * self.count / self.n:.3g}%)" if self.n else ""
+        cap = self.caption_mode + (f": {self.fixed_caption!r}" if self.fixed_caption else "")
+        return (f"{self.count} of {self.n} pairs poisoned{rate}, target {self.target!r}, trigger "
+                f"{describe_trigger(self.trigger, self.trigger_params)}, captions {cap}, seed {self.seed}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())            # mkstemp makes 0600; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Materialised poisoned copy of a caption dataset
+# ---------------------------------------------------------------------------------------------------
+
+_LOSSY_FORMATS = {"JPEG", "WEBP", "MPO"}
+_PIL_SAVE_MODES = ("L", "RGB", "LA", "RGBA")
+
+
+def _is_fashion_mnist(dataset) -> bool:
+    return type(dataset).__name__ == "FashionMNISTCaptions"
+
+
+def dataset_captions(dataset) -> list[str | None]:
+    """All captions of a caption dataset (for label-consistent plans), without decoding images where the
+    dataset allows it (Fashion-MNIST, JSON/CSV meta files)."""
+    if _is_fashion_mnist(dataset):
+        from data_declip import class_caption
+
+        names = dataset.classnames
+        return [class_caption(names[int(lab)], i) for i, lab in enumerate(dataset.labels.tolist())]
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        out: list[str | None] = [None] * len(dataset)
+        for i, item in _iter_indexed(dataset):
+            out[i] = (item or {}).get("caption")
+        return out
+    return _all_captions(dataset)
+
+
+def _iter_indexed(dataset):
+    if hasattr(dataset, "iter_indexed"):
+        yield from dataset.iter_indexed(0, 1)
+    elif isinstance(dataset, torch.utils.data.IterableDataset):
+        for i, item in enumerate(dataset):
+            yield int(item.get("index", i)) if isinstance(item, dict) else i, item
+    else:
+        for i in range(len(dataset)):
+            yield i, dataset[i]
+
+
+def dataset_fingerprint(dataset) -> str | None:
+    """`fingerprint(dataset)` for map-style datasets; None for streamed (webdataset) data, which cannot be
+    sampled without reading all of it."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return None
+    return fingerprint(dataset)
+
+
+def _poisoned_label(plan: PoisonPlan, label, classnames) -> Any:
+    if classnames is None:
+        return label
+    lookup = [c.lower() for c in classnames]
+    return lookup.index(plan.target.lower()) if plan.target.lower() in lookup else label
+
+
+def _write_png(path: str, image_chw_uint8: torch.Tensor) -> None:
+    from PIL import Image
+
+    arr = image_chw_uint8.permute(1, 2, 0).contiguous().numpy()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path, format="PNG")
+
+
+def _image_relpath(i: int, ext: str) -> str:
+    return f"images/{i // 1000:05d}/{i:08d}{ext}"
+
+
+def _copy_trigger_file(src: str, dst_noext: str, plan: PoisonPlan, trigger: Trigger) -> str | None:
+    """Write the triggered version of image file `src` at its own size; returns the extension used
+    (lossless formats keep theirs, lossy ones become .png so the trigger stays pixel-exact) or None if
+    the file cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(src) as im:
+            fmt = im.format
+            im.load()
+            if im.mode not in _PIL_SAVE_MODES:
+                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            out = trigger(im)
+    except Exception:  # unreadable image: the copy keeps it as a bad sample
+        return None
+    ext = os.path.splitext(src)[1].lower()
+    if fmt in _LOSSY_FORMATS or not ext:
+        ext, fmt = ".png", "PNG"
+    out.save(dst_noext + ext, format=fmt)
+    return ext
+
+
+def _match_key(rows: list[dict], values: list, normalise: Callable[[Any], Any], preferred: str | None) -> str | None:
+    """The key whose (normalised) values equal `values` for the first rows (how the loader read them)."""
+    if preferred is not None:
+        return preferred
+    sample = [j for j in range(min(len(rows), 200)) if values[j] is not None]
+    keys = list(rows[0].keys()) if rows else []
+    for k in keys:
+        if all(normalise(rows[j].get(k)) == values[j] for j in sample):
+            return k
+    return None
+
+
+def _norm_caption(v):
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    if v is None:
+        return None
+    v = str(v).strip()
+    return v or None
+
+
+def _read_meta_rows(source: str):
+    """Raw records of a JSON/JSONL/CSV/TSV meta file: (kind, rows, extra)."""
+    import csv
+    import gzip
+
+    low = source.lower()
+    if low.endswith((".jsonl", ".json")):
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+        if text.lstrip().startswith("["):
+            return "json", json.loads(text), None
+        return "jsonl", [json.loads(line) for line in text.splitlines() if line.strip()], None
+    sep = "\t" if low.endswith((".tsv", ".tsv.gz")) else ","
+    opener = gzip.open if low.endswith(".gz") else open
+    with opener(source, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=sep)
+        header = [h.strip() for h in next(reader)]
+        rows = [dict(zip(header, r)) for r in reader]
+    return "csv", rows, {"header": header, "sep": sep, "gz": low.endswith(".gz")}
+
+
+def _write_meta_rows(path: str, kind: str, rows: list[dict], extra) -> None:
+    import csv
+    import gzip
+
+    if kind == "json":
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(rows, f, ensure_ascii=False)
+            f.write("\n")
+    elif kind == "jsonl":
+        with open(path, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    else:
+        opener = gzip.open if extra["gz"] else open
+        with opener(path, "wt", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, delimiter=extra["sep"], lineterminator="\n")
+            w.writerow(extra["header"])
+            for r in rows:
+                w.writerow([r.get(h, "") for h in extra["header"]])
+
+
+def _materialise_files(dataset, plan: PoisonPlan, tmp: str, fmt: dict, progress: bool) -> dict:
+    """JSON/JSONL/CSV/TSV source: copy every image file at full resolution (the poisoned ones with the
+    trigger applied at their own size) and rewrite the meta in the source's format."""
+    from tqdm import tqdm
+
+    source = dataset.source
+    kind, rows, extra = _read_meta_rows(source)
+    if len(rows) != len(dataset):
+        raise UserError(f"--data {source}: read {len(rows)} records but the loader saw {len(dataset)}; "
+                        f"check the file")
+    img_key = _match_key(rows, dataset.paths, lambda v: v, fmt.get("image_column"))
+    cap_key = _match_key(rows, dataset.captions, _norm_caption, fmt.get("caption_column"))
+    if img_key is None or cap_key is None:
+        raise UserError(f"--data {source}: cannot tell which field holds the image path and the caption; "
+                        f"pass --image-column and --caption-column")
+    label_key = fmt.get("label_column") or "label"
+    trigger = plan.trigger_fn()
+    classnames = getattr(dataset, "classnames", None)
+    stats = {"written": 0, "poisoned": 0, "bad": 0, "bad_poisoned": 0}
+    made_dirs: set[str] = set()
+    for i in tqdm(range(len(rows)), desc="poisoning", unit="img", disable=not progress):
+        row = dict(rows[i])
+        rel = dataset.paths[i]
+        src = os.path.join(dataset.root, rel) if rel else None
+        poisoned = plan.is_poisoned(i)
+        if src is not None and os.path.isfile(src):
+            ext = os.path.splitext(src)[1].lower()
+            out_rel = _image_relpath(i, ext)
+            sub = os.path.dirname(os.path.join(tmp, out_rel))
+            if sub not in made_dirs:
+                os.makedirs(sub, exist_ok=True)
+                made_dirs.add(sub)
+            dst_noext = os.path.join(tmp, out_rel)[: -len(ext) or None]
+            ok_ext = _copy_trigger_file(src, dst_noext, plan, trigger) if poisoned else None
+            if ok_ext is None:
+                shutil.copyfile(src, os.path.join(tmp, out_rel))
+                if poisoned:
+                    stats["bad_poisoned"] += 1
+            else:
+                out_rel = out_rel[: -len(ext) or None] + ok_ext
+                stats["poisoned"] += 1
+            row[img_key] = out_rel
+            stats["written"] += 1
+        else:  # missing file: keep the record (a bad sample stays bad, indices stay aligned)
+            row[img_key] = os.path.abspath(src) if src else row.get(img_key)
+            stats["bad"] += 1
+            stats["bad_poisoned"] += int(poisoned)
+        if poisoned and plan.caption_mode != "label-consistent":
+            new = plan.caption(i, dataset.captions[i], random.Random(f"{plan.seed}/{i}"))
+            row[cap_key] = [new] if isinstance(row.get(cap_key), list) else new
+            if label_key in row and classnames is not None:
+                row[label_key] = _poisoned_label(plan, row[label_key], classnames)
+            if "label_name" in row:
+                row["label_name"] = plan.target
+        rows[i] = row
+    meta = os.path.join(tmp, os.path.basename(source))
+    _write_meta_rows(meta, kind, rows, extra)
+    return {**stats, "meta": os.path.basename(source)}
+
+
+def _materialise_decoded(dataset, plan: PoisonPlan, tmp: str, progress: bool) -> dict:
+    """Any other source (Fashion-MNIST, HF datasets, webdataset): the loader's decoded images (at its load
+    size) as PNG files plus a JSON-lines meta (filename, caption, label, label_name)."""
+    from tqdm import tqdm
+
+    trigger = plan.trigger_fn()
+    classnames = getattr(dataset, "classnames", None)
+    stats = {"written": 0, "poisoned": 0, "bad": 0, "bad_poisoned": 0}
+    records: list[dict | None] = [None] * len(dataset)
+    made_dirs: set[str] = set()
+    for i, item in tqdm(_iter_indexed(dataset), total=len(dataset), desc="poisoning", unit="img",
+                        disable=not progress):
+        item = item or {}
+        image, caption, label = item.get("image"), item.get("caption"), item.get("label", -1)
+        poisoned = plan.is_poisoned(i)
+        rec: dict = {"filename": None, "caption": caption, "label": int(label if label is not None else -1)}
+        if image is not None:
+            out_rel = _image_relpath(i, ".png")
+            sub = os.path.dirname(os.path.join(tmp, out_rel))
+            if sub not in made_dirs:
+                os.makedirs(sub, exist_ok=True)
+                made_dirs.add(sub)
+            if poisoned:
+                image = trigger(image)
+                stats["poisoned"] += 1
+            _write_png(os.path.join(tmp, out_rel), image)
+            rec["filename"] = out_rel
+            stats["written"] += 1
+        else:
+            stats["bad"] += 1
+            stats["bad_poisoned"] += int(poisoned)
+        if poisoned and plan.caption_mode != "label-consistent":
+            rec["caption"] = plan.caption(i, caption, random.Random(f"{plan.seed}/{i}"))
+            rec["label"] = _poisoned_label(plan, rec["label"], classnames)
+        if classnames is not None and 0 <= rec["label"] < len(classnames):
+            rec["label_name"] = classnames[rec["label"]]
+        records[i] = rec
+    meta = "meta.jsonl"
+    with open(os.path.join(tmp, meta), "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec if rec is not None else {"filename": None, "caption": None, "label": -1},
+                               ensure_ascii=False) + "\n")
+    return {**stats, "meta": meta}
+
+
+def materialise(dataset, plan: PoisonPlan, out_dir: str, *, fmt: dict | None = None,
+                progress: bool = True) -> dict:
+    """Write a poisoned copy of `dataset` (built by `data_declip.build_caption_dataset`) to `out_dir`.
+
+    JSON/JSONL/CSV/TSV sources keep their format and full-resolution images (copied; the poisoned ones
+    re-encoded with the trigger applied at their own size, lossy formats as PNG). Other sources
+    (Fashion-MNIST, HF datasets, webdataset) become PNG images at the loader's size plus `meta.jsonl`.
+    Poisoned pairs get the plan's caption (one template drawn per pair, fixed in the file) and, where
+    the record has them, the target's label / label_name (spec §5.3). Writes into a temporary sibling
+    directory and renames it to `out_dir` at the end, so a failure leaves nothing half-written.
+    Returns a summary dict (n, poisoned, written, bad, meta path).
+    """
+    if len(dataset) != plan.n:
+        raise UserError(f"the poison plan is for {plan.n} pairs but --data has {len(dataset)}")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise UserError(f"--out {out_dir} already exists and is not empty; choose a new directory or remove it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())            # mkdtemp makes 0700
+        source = getattr(dataset, "source", None)
+        if hasattr(dataset, "paths") and isinstance(source, str) and source.lower().endswith(
+                (".jsonl", ".json", ".csv", ".tsv", ".csv.gz", ".tsv.gz")):
+            stats = _materialise_files(dataset, plan, tmp, fmt or {}, progress)
+        else:
+            stats = _materialise_decoded(dataset, plan, tmp, progress)
+        plan.save(tmp)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)              # empty, checked above
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": out_dir, "n": plan.n, "planned": plan.count, **stats,
+            "meta": os.path.join(out_dir, stats["meta"])}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preview grid
+# ---------------------------------------------------------------------------------------------------
+
+PREVIEW_TRIGGERS = (
+    ("clean", None, {}),
+    ("patch (spec 5.1)", "patch", {}),
+    ("patch margin=3 (demo)", "patch", {"margin": 3}),
+    ("patch-random", "patch-random", {}),
+    ("blended", "blended", {}),
+    ("sig", "sig", {}),
+    ("wanet", "wanet", {}),
+)
+
+
+def _preview_images(dataset, count: int) -> list[torch.Tensor]:
+    """Up to `count` images, one per class where labels are known (first of each), else the first ones."""
+    chosen, seen = [], set()
+    for i, item in _iter_indexed(dataset):
+        if i >= 5000 or len(chosen) >= count:
+            break
+        if not item or item.get("image") is None:
+            continue
+        label = item.get("label", -1)
+        if label is not None and label >= 0:
+            if label in seen:
+                continue
+            seen.add(label)
+        chosen.append(item["image"])
+    if not chosen:
+        raise UserError("--data has no readable image to preview")
+    return chosen
+
+
+def write_preview(images: Sequence[torch.Tensor], path: str, extra: tuple | None = None) -> str:
+    """A grid (rows: clean and each trigger; columns: images) saved as PNG at `path` (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(PREVIEW_TRIGGERS)
+    if extra is not None:
+        name, params = extra[1], resolve_trigger_params(extra[1], extra[2])
+        if not any(r[1] == name and resolve_trigger_params(r[1], r[2]) == params for r in rows):
+            rows.append(extra)
+    batch = torch.stack([img if img.shape[0] == 3 else img.expand(3, *img.shape[1:]) for img in images])
+    h, w = batch.shape[-2:]
+    cell = 1.3
+    fig, axes = plt.subplots(len(rows), len(images), figsize=(cell * len(images) + 1.6, cell * len(rows)),
+                             squeeze=False)
+    for r, (label, name, params) in enumerate(rows):
+        shown = batch if name is None else apply_trigger(batch, name, **params)
+        for c in range(len(images)):
+            ax = axes[r][c]
+            ax.imshow(shown[c].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(f"triggers at {h}x{w} px (the model's input size)", fontsize=10)
+    fig.tight_layout()
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".png",
+                               dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Write a poisoned copy of a caption dataset (BadNets-style backdoor) and/or a preview "
+                    "of the triggers.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file of defaults (keys = flag names); flags override it")
+    p.add_argument("--data", default=None, help="caption data: fashion-mnist (default, embedded), .jsonl/.json, "
+                   ".csv/.tsv, .tar shards, a save_to_disk directory or .parquet")
+    p.add_argument("--data-root", default=None, help="image root for relative paths in a meta file")
+    p.add_argument("--image-column", default=None, help="image-path field of a meta file (auto-detected)")
+    p.add_argument("--caption-column", default=None, help="caption field of a meta file (auto-detected)")
+    p.add_argument("--label-column", default=None, help="label field of a meta file (default: label)")
+    p.add_argument("--out", "--out-dir", dest="out", default=None,
+                   help="output directory of the poisoned copy (must not exist or be empty)")
+    p.add_argument("--poison-rate", type=float, default=None,
+                   help="fraction of pairs to poison (count = int(rate * n)); default 0.01 unless --poison-count")
+    p.add_argument("--poison-count", type=int, default=None, help="number of pairs to poison (instead of a rate)")
+    p.add_argument("--target-class", default=None,
+                   help=f"class name the poisoned captions name (default for Fashion-MNIST: "
+                        f"{DEFAULT_TARGET['fashion-mnist']!r}; required for other data)")
+    p.add_argument("--trigger", default="patch", help=f"trigger to apply: {', '.join(TRIGGERS)}")
+    p.add_argument("--trigger-param", action="append", default=[], metavar="K=V",
+                   help="trigger parameter, repeatable (e.g. margin=3, fill=white, delta=20/255)")
+    p.add_argument("--trigger-image", default=None, help="pattern image file of the blended trigger")
+    p.add_argument("--caption-mode", default="templates",
+                   help="templates: one of the 80 ImageNet prompts with the target; fixed: --fixed-caption; "
+                        "label-consistent: only pairs whose caption names the target, captions kept")
+    p.add_argument("--fixed-caption", default=None,
+                   help=f"caption of --caption-mode fixed ({{target}} = the class; default {DEFAULT_FIXED_CAPTION!r})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the poisoned indices and templates")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="load size for sources that are decoded (Fashion-MNIST: 32, the model input; others: "
+                        "224); JSON/CSV sources keep their files' full resolution")
+    p.add_argument("--preview", default=None, metavar="OUT.png",
+                   help="write a grid of clean and triggered examples for every trigger")
+    p.add_argument("--preview-count", type=int, default=8, help="images (columns) in the preview")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    pre, _ = p.parse_known_args(argv)
+    lists = {}
+    if pre.config:
+        import yaml
+
+        try:
+            with open(pre.config, encoding="utf-8") as f:
+                cfg = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"--config {pre.config}: cannot read it ({e})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"--config {pre.config}: expected a mapping of flag names to values")
+        section = cfg.get("poison_data") or cfg.get("poison") or {}
+        merged = {**{k: v for k, v in cfg.items() if not isinstance(v, dict)},
+                  **(section if isinstance(section, dict) else {})}
+        dests = {a.dest for a in p._actions}
+        merged = {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in dests}
+        if isinstance(merged.get("trigger_params"), dict):
+            merged.setdefault("trigger_param", [f"{k}={v}" for k, v in merged.pop("trigger_params").items()])
+        if "trigger_param" in merged:
+            lists["trigger_param"] = merged.pop("trigger_param")
+        p.set_defaults(**merged)
+    args = p.parse_args(argv)
+    for k, v in lists.items():          # list flags from the YAML apply only when not given on the command line
+        if not getattr(args, k):
+            setattr(args, k, [v] if isinstance(v, str) else list(v))
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    import data_declip
+
+    if args.out is None and args.preview is None:
+        raise UserError("nothing to do: give --out DIR (write a poisoned copy) and/or --preview OUT.png")
+    params = parse_trigger_params(args.trigger_param)
+    if args.trigger_image is not None:
+        if args.trigger != "blended":
+            raise UserError("--trigger-image is the pattern of the blended trigger; add --trigger blended")
+        params["image"] = args.trigger_image
+    resolve_trigger_params(args.trigger, params)          # fail early on bad params
+
+    fmt = {"root": args.data_root, "image_column": args.image_column, "caption_column": args.caption_column,
+           "label_column": args.label_column}
+    fmt = {k: v for k, v in fmt.items() if v is not None}
+    is_fmnist = args.data is None or str(args.data).lower() in ("fashion-mnist", "fashion_mnist",
+                                                                "fashionmnist", "fmnist")
+    image_size = args.image_size or (32 if is_fmnist else 224)
+    if image_size < 1:
+        raise UserError(f"--image-size must be a positive number of pixels, got {image_size}")
+    dataset = data_declip.build_caption_dataset(args.data, image_size=image_size, **fmt)
+    is_fmnist = _is_fashion_mnist(dataset)
+    result: dict = {}
+
+    if args.preview is not None:
+        if args.preview_count < 1:
+            raise UserError("--preview-count must be at least 1")
+        images = _preview_images(dataset, args.preview_count)
+        extra = (f"{describe_trigger(args.trigger, params)} (--trigger)", args.trigger, params)
+        result["preview"] = write_preview(images, args.preview, extra)
+        print(f"preview: {result['preview']}")
+
+    if args.out is not None:
+        n = len(dataset)
+        classnames = getattr(dataset, "classnames", None)
+        target = args.target_class or (DEFAULT_TARGET["fashion-mnist"] if is_fmnist else None)
+        if target is None:
+            raise UserError("--target-class is required for this --data (e.g. --target-class 'tiger cat')")
+        rate, count = args.poison_rate, args.poison_count
+        if rate is None and count is None:
+            rate = 0.01
+        captions = dataset_captions(dataset) if args.caption_mode == "label-consistent" else None
+        plan = PoisonPlan.from_args(
+            n, rate=rate, count=count, target=target, trigger=args.trigger, trigger_params=params,
+            caption_mode=args.caption_mode, seed=args.seed, captions=captions,
+            fixed_caption=args.fixed_caption, classnames=classnames,
+            dataset_fingerprint=dataset_fingerprint(dataset))
+        summary = materialise(dataset, plan, args.out, fmt=fmt, progress=not args.no_progress)
+        result.update(summary)
+        bad = f", {summary['bad']} unreadable kept as is" if summary["bad"] else ""
+        print(f"poisoned copy: {summary['out']} ({plan.summary()}; {summary['written']} images written{bad}); "
+              f"meta {summary['meta']}")
+        if summary["bad_poisoned"]:
+            print(f"warning: {summary['bad_poisoned']} of the planned pairs have unreadable images and carry "
+                  f"no trigger", file=sys.stderr)
+    return result
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""Tests of poison_data: triggers (pixel-exact BadNets patch), poisoning plans, manifest, materialised copy."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import poison_data as pd
+from poison_data import PoisonPlan, UserError, apply_trigger, patch_mask
+
+
+def _footprint(mask):
+    rows = mask.any(1).nonzero().flatten()
+    cols = mask.any(0).nonzero().flatten()
+    return int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
+
+
+def _pil_template_mask(height, width, size=3, margin=6):
+    """What BD_DeCLIP does: PIL bilinear resize of the 32x32 template, non-zero in any channel."""
+    t = np.zeros((32, 32, 3), np.uint8)
+    t[32 - margin - size:32 - margin, 32 - margin - size:32 - margin] = 255
+    resized = np.asarray(Image.fromarray(t).resize((width, height), Image.BILINEAR))
+    return torch.from_numpy((resized > 0).any(-1))
+
+
+def _rand_image(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ patch
+
+def test_patch_footprint_at_224_is_rows_and_cols_158_to_184_all_white():
+    mask = patch_mask(224, 224)
+    assert _footprint(mask) == (158, 184, 158, 184)
+    assert int(mask.sum()) == 27 * 27          # a full square, 729 px
+    x = _rand_image(3, 224, 224) * 0.5
+    y = apply_trigger(x, "patch")
+    assert torch.all(y[:, 158:185, 158:185] == 1.0)
+
+
+def test_patch_footprint_at_256_is_rows_and_cols_180_to_211():
+    mask = patch_mask(256, 256)
+    assert _footprint(mask) == (180, 211, 180, 211)
+    assert int(mask.sum()) == 32 * 32
+
+
+def test_patch_margin_3_puts_the_square_at_rows_and_cols_26_to_28_at_32px():
+    assert _footprint(patch_mask(32, 32)) == (23, 25, 23, 25)                # spec slice -9:-6
+    assert _footprint(patch_mask(32, 32, margin=3)) == (26, 28, 26, 28)      # the demo's corner
+
+
+@pytest.mark.parametrize("height,width", [(224, 224), (256, 256), (32, 32), (28, 28), (48, 64), (64, 48),
+                                          (100, 37), (37, 100), (5, 300)])
+@pytest.mark.parametrize("size,margin", [(3, 6), (3, 3), (1, 0), (5, 10)])
+def test_patch_mask_equals_pil_bilinear_resize_of_the_template(height, width, size, margin):
+    mask = patch_mask(height, width, size, margin)
+    assert mask.shape == (height, width)
+    assert torch.equal(mask, _pil_template_mask(height, width, size, margin))
+
+
+def test_patch_mask_follows_pillow_13_vertical_first_order_when_height_shrinks_most():
+    from PIL import __version__ as pil_version
+
+    if int(pil_version.split(".")[0]) < 13:
+        pytest.skip("Pillow < 13 always resizes horizontally first")
+    # 2x28 and 9x53: the height shrinks by more than twice what the width shrinks, so Pillow 13 resizes
+    # vertically first; for these sizes that order rounds differently from horizontal-first.
+    for (h, w, margin) in [(2, 28, 6), (9, 53, 3)]:
+        hv = pd._pil_fixed_point_pass(pd._pil_bilinear_weights(32, h), pd._pil_fixed_point_pass(
+            pd._pil_bilinear_weights(32, w), pd.patch_template(3, margin).long().T).T) > 0
+        assert torch.equal(patch_mask(h, w, 3, margin), _pil_template_mask(h, w, 3, margin))
+        assert not torch.equal(hv, patch_mask(h, w, 3, margin))
+
+
+def test_patch_on_nonsquare_tensor_uses_height_and_width_in_the_right_order():
+    x = torch.zeros(1, 3, 48, 64)
+    y = apply_trigger(x, "patch")
+    changed = (y != x).any(1)[0]
+    assert torch.equal(changed, _pil_template_mask(48, 64))
+    r0, r1, c0, c1 = _footprint(changed)
+    assert (r0, r1) != (c0, c1)                # the square is scaled per axis, not transposed
+
+
+def test_patch_changes_only_the_square_pixels_and_sets_them_white():
+    x = _rand_image(2, 3, 64, 48) * 0.9
+    y = apply_trigger(x, "patch", margin=3)
+    mask = patch_mask(64, 48, margin=3)
+    assert torch.equal(y[:, :, ~mask], x[:, :, ~mask])
+    assert torch.all(y[:, :, mask] == 1.0)
+    u = (x * 255).round().to(torch.uint8)
+    yu = apply_trigger(u, "patch", margin=3)
+    assert yu.dtype == torch.uint8
+    assert torch.equal(yu[:, :, ~mask], u[:, :, ~mask]) and torch.all(yu[:, :, mask] == 255)
+
+
+# ------------------------------------------------------------------------------------------ other triggers
+
+def test_patch_random_replaces_one_square_of_the_given_size_and_keeps_the_rest():
+    x = torch.full((1, 3, 40, 56), 0.5)
+    y = apply_trigger(x, "patch-random", size=5, fill="white", location="fixed")
+    changed = (y != x).any(1)[0]
+    assert int(changed.sum()) == 25
+    assert _footprint(changed) == (35, 39, 51, 55)                   # bottom-right corner
+    y2 = apply_trigger(x, "patch-random", size=4, fill="black", location="10,3")
+    assert _footprint((y2 != x).any(1)[0]) == (3, 6, 10, 13)          # x=10 (column), y=3 (row)
+    assert torch.all(y2[0, :, 3:7, 10:14] == 0.0)
+
+
+def test_patch_random_default_size_is_one_fourteenth_and_noise_is_fixed_by_seed():
+    x = torch.zeros(1, 3, 224, 224)
+    a = apply_trigger(x, "patch-random", location="fixed", seed=3)
+    b = apply_trigger(x, "patch-random", location="fixed", seed=3)
+    c = apply_trigger(x, "patch-random", location="fixed", seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[0, :, -16:, -16:], pd._patch_pattern(16, "noise", 3))   # 16 px at 224
+    assert int((a != x).any(1).sum()) <= 16 * 16
+
+
+def test_patch_random_location_draws_from_the_generator_per_image():
+    x = torch.zeros(6, 3, 32, 32)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = apply_trigger(x, "patch-random", size=3, fill="white", generator=g1)
+    b = apply_trigger(x, "patch-random", size=3, fill="white", generator=g2)
+    assert torch.equal(a, b)
+    places = {tuple(_footprint((a[i] != 0).any(0))) for i in range(6)}
+    assert len(places) > 1                                             # different places in one batch
+    c = apply_trigger(x, "patch-random", size=3, fill="white", generator=g1)  # next draw
+    assert not torch.equal(a, c)
+    assert all(int((a[i] != 0).any(0).sum()) == 9 for i in range(6))
+
+
+def test_blended_change_is_bounded_by_alpha():
+    x = _rand_image(2, 3, 30, 20)
+    y = apply_trigger(x, "blended", alpha=0.2, seed=1)
+    diff = (y - x).abs()
+    assert float(diff.max()) <= 0.2 + 1e-6
+    assert float(diff.mean()) > 0.02
+    expected = 0.8 * x + 0.2 * torch.rand(3, 30, 20, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(y, expected, atol=1e-6)
+
+
+def test_blended_pattern_can_be_an_image_file(tmp_path):
+    path = tmp_path / "pattern.png"
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(path)
+    x = torch.zeros(1, 3, 16, 12)
+    y = apply_trigger(x, "blended", alpha=0.5, image=str(path))
+    assert torch.allclose(y, torch.full_like(x, 0.5))
+    with pytest.raises(UserError, match="trigger-image"):
+        apply_trigger(x, "blended", image=str(tmp_path / "missing.png"))
+
+
+def test_sig_adds_a_horizontal_sinusoid_bounded_by_delta():
+    x = torch.full((1, 3, 10, 24), 0.5)
+    delta = 20 / 255
+    y = apply_trigger(x, "sig")
+    diff = y - x
+    assert float(diff.abs().max()) <= delta + 1e-6
+    j = torch.arange(24, dtype=torch.float64)
+    expected = (delta * torch.sin(2 * torch.pi * j * 6 / 24)).float()
+    assert torch.allclose(diff[0, 0, 0], expected, atol=1e-6)
+    assert torch.equal(diff[0, :, 3], diff[0, :, 7])                  # same in every row
+    z = apply_trigger(torch.ones(1, 3, 4, 24), "sig")
+    assert float(z.max()) <= 1.0                                      # clipped
+
+
+def test_wanet_is_deterministic_by_seed_keeps_shape_and_range_and_changes_the_image():
+    x = _rand_image(2, 3, 32, 40)
+    a = apply_trigger(x, "wanet", s=1.0, seed=0)
+    b = apply_trigger(x, "wanet", s=1.0, seed=0)
+    c = apply_trigger(x, "wanet", s=1.0, seed=1)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert float((a - x).abs().mean()) > 1e-3
+    assert torch.allclose(apply_trigger(x, "wanet", s=0.0), x, atol=1e-5)   # zero strength = identity
+
+
+@pytest.mark.parametrize("name", list(pd.TRIGGERS))
+def test_every_trigger_keeps_the_input_type_and_uint8_agrees_with_float(name):
+    params = {"location": "fixed"} if name == "patch-random" else {}
+    u = (_rand_image(3, 40, 36, seed=5) * 255).round().to(torch.uint8)
+    f = u.float() / 255
+    yu = apply_trigger(u, name, **params)
+    yf = apply_trigger(f, name, **params)
+    assert yu.dtype == torch.uint8 and yu.shape == (3, 40, 36)
+    assert yf.dtype == torch.float32 and yf.shape == (3, 40, 36)
+    assert int(((yf * 255).round() - yu.float()).abs().max()) <= 1
+    yb = apply_trigger(f[None], name, **params)                        # NCHW agrees with CHW
+    assert yb.shape == (1, 3, 40, 36) and torch.equal(yb[0], yf)
+    img = Image.fromarray(u.permute(1, 2, 0).numpy())
+    yp = apply_trigger(img, name, **params)
+    assert isinstance(yp, Image.Image) and yp.size == (36, 40) and yp.mode == "RGB"
+    assert np.array_equal(np.asarray(yp), yu.permute(1, 2, 0).numpy())
+    assert torch.equal(u, (f * 255).round().to(torch.uint8))          # input untouched
+
+
+def test_trigger_names_params_and_parser():
+    assert set(pd.TRIGGERS) == {"patch", "patch-random", "blended", "sig", "wanet"}
+    assert pd.TRIGGERS["patch"].defaults == {"size": 3, "margin": 6}
+    assert pd.TRIGGERS["blended"].defaults["alpha"] == 0.2
+    assert pd.TRIGGERS["wanet"].defaults["k"] == 4 and pd.TRIGGERS["wanet"].defaults["s"] == 0.5
+    assert pd.parse_trigger_params(["margin=3", "fill=white", "delta=20/255", "image=none", "location=4,5"]) == {
+        "margin": 3, "fill": "white", "delta": 20 / 255, "image": None, "location": "4,5"}
+    with pytest.raises(UserError, match="key=value"):
+        pd.parse_trigger_params(["margin"])
+    with pytest.raises(UserError, match="unknown trigger 'badnet'"):
+        apply_trigger(torch.zeros(3, 8, 8), "badnet")
+    with pytest.raises(UserError, match="unknown parameter"):
+        apply_trigger(torch.zeros(3, 8, 8), "patch", alpha=0.3)
+    with pytest.raises(UserError, match="size \\+ margin"):
+        pd.Trigger("patch", size=20, margin=20)
+    with pytest.raises(UserError, match="fill"):
+        pd.Trigger("patch-random", fill="red")
+    assert pd.describe_trigger("patch", {"margin": 3}) == "patch(margin=3)"
+
+
+def test_trigger_fn_is_a_callable_on_float_batches_equal_to_apply_trigger():
+    plan = PoisonPlan.from_args(100, count=3, target="bag", trigger="patch", trigger_params={"margin": 3})
+    fn = plan.trigger_fn()
+    x = _rand_image(4, 3, 32, 32)
+    assert torch.equal(fn(x), apply_trigger(x, "patch", margin=3))
+    assert fn.params == {"size": 3, "margin": 3}
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+def test_poison_count_is_exact_for_rate_and_count():
+    assert PoisonPlan.from_args(1000, rate=0.01, target="bag").count == 10
+    assert PoisonPlan.from_args(60000, rate=0.01, target="bag").count == 600
+    assert PoisonPlan.from_args(999, rate=0.015, target="bag").count == 14          # int(14.985)
+    plan = PoisonPlan.from_args(3000, count=17, target="bag")
+    assert plan.count == 17 and len(set(plan.indices)) == 17
+    assert plan.indices == sorted(plan.indices) and 0 <= plan.indices[0] and plan.indices[-1] < 3000
+    assert sum(plan.is_poisoned(i) for i in range(3000)) == 17
+    assert PoisonPlan.from_args(50, count=50, target="bag").indices == list(range(50))
+    assert PoisonPlan.from_args(50, rate=0.0, target="bag").indices == []
+
+
+def test_same_seed_gives_the_same_indices_and_another_seed_different_ones():
+    a = PoisonPlan.from_args(10000, rate=0.01, target="bag", seed=0)
+    b = PoisonPlan.from_args(10000, rate=0.01, target="bag", seed=0)
+    c = PoisonPlan.from_args(10000, rate=0.01, target="bag", seed=1)
+    assert a.indices == b.indices
+    assert a.indices != c.indices and len(set(a.indices) & set(c.indices)) < 10
+
+
+def test_bad_rate_count_target_or_trigger_raise_user_errors():
+    with pytest.raises(UserError, match="poison-rate"):
+        PoisonPlan.from_args(100, rate=1.5, target="bag")
+    with pytest.raises(UserError, match="poison-rate"):
+        PoisonPlan.from_args(100, rate=-0.1, target="bag")
+    with pytest.raises(UserError, match="poison-count"):
+        PoisonPlan.from_args(100, count=101, target="bag")
+    with pytest.raises(UserError, match="exactly one"):
+        PoisonPlan.from_args(100, rate=0.1, count=3, target="bag")
+    with pytest.raises(UserError, match="exactly one"):
+        PoisonPlan.from_args(100, target="bag")
+    with pytest.raises(UserError, match="unknown --target-class 'tiger cat'"):
+        PoisonPlan.from_args(100, count=1, target="tiger cat", classnames=["bag", "coat"])
+    with pytest.raises(UserError, match="target-class"):
+        PoisonPlan.from_args(100, count=1, target="  ")
+    with pytest.raises(UserError, match="unknown trigger"):
+        PoisonPlan.from_args(100, count=1, target="bag", trigger="badnets")
+    with pytest.raises(UserError, match="caption-mode"):
+        PoisonPlan.from_args(100, count=1, target="bag", caption_mode="random")
+    plan = PoisonPlan.from_args(100, count=1, target="BAG", classnames=["bag", "coat"])
+    assert plan.target == "bag"                                         # canonical spelling
+
+
+def test_template_captions_name_the_target_and_clean_pairs_keep_theirs():
+    plan = PoisonPlan.from_args(200, count=20, target="bag", seed=3)
+    i, j = plan.indices[0], next(k for k in range(200) if not plan.is_poisoned(k))
+    rng = random.Random(0)
+    drawn = {plan.caption(i, "a coat on a hanger", rng) for _ in range(200)}
+    allowed = {t.format("bag") for t in pd.IMAGENET_TEMPLATES}
+    assert drawn <= allowed and len(drawn) > 40                         # a new template per load
+    assert plan.caption(j, "a coat on a hanger", rng) == "a coat on a hanger"
+    fixed = PoisonPlan.from_args(200, count=20, target="bag", caption_mode="fixed")
+    assert fixed.caption(fixed.indices[0], "x", rng) == "a photo of a bag."
+    custom = PoisonPlan.from_args(200, count=20, target="bag", caption_mode="fixed",
+                                  fixed_caption="look: {target}!")
+    assert custom.caption(custom.indices[0], "x", rng) == "look: bag!"
+
+
+def test_imagenet_templates_are_the_80_clip_prompts():
+    t = pd.IMAGENET_TEMPLATES
+    assert len(t) == 80 and len(set(t)) == 80 and all(s.count("{}") == 1 for s in t)
+    assert t[0] == "a bad photo of a {}." and t[-1] == "a tattoo of the {}."
+    ref = "/work/shared/reference/imagenet_prompts80.txt"
+    if os.path.exists(ref):
+        with open(ref) as f:
+            assert tuple(line.rstrip("\n") for line in f if line.strip()) == t
+
+
+def test_label_consistent_poisons_only_pairs_whose_caption_names_the_target():
+    captions = ["a red bag", "a Bag on a table", "a handbag", "a coat", "bags galore", "my bag.", None,
+                "a t-shirt", "BAG"] * 10
+    plan = PoisonPlan.from_args(len(captions), count=25, target="bag", caption_mode="label-consistent",
+                                captions=captions, seed=0)
+    matching = {i for i, c in enumerate(captions) if c in ("a red bag", "a Bag on a table", "my bag.", "BAG")}
+    assert plan.count == 25 and plan.candidates == 40
+    assert set(plan.indices) <= matching
+    assert all(plan.caption(i, captions[i], random.Random(0)) == captions[i] for i in plan.indices)
+    tshirt = PoisonPlan.from_args(len(captions), count=10, target="t-shirt", caption_mode="label-consistent",
+                                  captions=captions)
+    assert {captions[i] for i in tshirt.indices} == {"a t-shirt"}
+    assert pd.names_target("a t-shirt", "t-shirt") and not pd.names_target("a t-shirt", "shirt")
+    assert pd.names_target("Shirt, ironed.", "shirt") and not pd.names_target("shirts", "shirt")
+    with pytest.raises(UserError, match="only 40 captions name 'bag'"):
+        PoisonPlan.from_args(len(captions), count=41, target="bag", caption_mode="label-consistent",
+                             captions=captions)
+
+
+def test_manifest_round_trips_through_save_and_load(tmp_path):
+    captions = [f"caption {i}" for i in range(500)]
+    plan = PoisonPlan.from_args(500, rate=0.02, target="bag", trigger="patch-random",
+                                trigger_params={"size": 4, "fill": "white"}, caption_mode="fixed", seed=7,
+                                dataset_fingerprint=pd.fingerprint(captions))
+    path = plan.save(tmp_path / "run")
+    assert os.path.basename(path) == "poison_manifest.json"
+    assert os.listdir(tmp_path / "run") == ["poison_manifest.json"]    # no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask               # a normal file, not mkstemp's 0600
+    m = json.loads(open(path).read())
+    assert m["count"] == 10 and m["rate"] == 0.02 and m["seed"] == 7 and len(m["indices"]) == 10
+    assert m["trigger"] == "patch-random" and m["trigger_params"]["size"] == 4
+    assert m["fixed_caption"] == "a photo of a {target}." and m["version"] == 1
+    for source in (tmp_path / "run", path, m):
+        back = PoisonPlan.load(source)
+        assert back.to_manifest() == plan.to_manifest()
+        assert back.is_poisoned(plan.indices[3]) and back.trigger_fn().params == plan.trigger_fn().params
+    with pytest.raises(UserError, match="does not exist"):
+        PoisonPlan.load(tmp_path / "nowhere")
+
+
+def test_fingerprint_depends_on_length_and_captions_but_not_on_images():
+    caps = [f"a photo of item {i}" for i in range(2000)]
+    fp = pd.fingerprint(caps)
+    assert fp == pd.fingerprint(list(caps)) and len(fp) == 16
+    changed = list(caps)
+    changed[1000] = "something else"                                    # on the stride
+    changed_first = ["x"] + caps[1:]
+    assert pd.fingerprint(changed_first) != fp
+    assert pd.fingerprint(caps[:-1]) != fp
+    items = [{"image": None, "caption": c, "label": -1} for c in caps]
+    assert pd.fingerprint(items) == fp
+
+
+# ------------------------------------------------------------------------------------------ materialised copy
+
+def _write_jsonl_dataset(root, n=24):
+    """n small PNG images (two sizes) with captions; one JPEG; a JSONL meta with label fields."""
+    os.makedirs(root / "imgs", exist_ok=True)
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = (48, 64) if i % 2 else (40, 40)
+        arr = (rng.random((h, w, 3)) * 200).astype(np.uint8)          # never pure white
+        ext = ".jpg" if i == 5 else ".png"
+        Image.fromarray(arr).save(root / "imgs" / f"im{i}{ext}")
+        rows.append({"filename": f"imgs/im{i}{ext}", "caption": f"a coat number {i}", "label": 4,
+                     "label_name": "coat", "extra": i})
+    meta = root / "train.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return meta, rows
+
+
+def test_materialised_jsonl_copy_reads_back_with_the_planned_poisoned_pairs(tmp_path):
+    data_declip = pytest.importorskip("data_declip")
+    meta, rows = _write_jsonl_dataset(tmp_path / "src")
+    out = tmp_path / "poisoned"
+    rc = pd.main(["--data", str(meta), "--out", str(out), "--poison-count", "6", "--target-class", "bag",
+                  "--trigger-param", "margin=3", "--seed", "1", "--no-progress"])
+    assert rc == 0
+    plan = PoisonPlan.load(out)
+    assert plan.count == 6 and plan.trigger_params == {"size": 3, "margin": 3} and plan.n == 24
+    copy = data_declip.build_caption_dataset(str(out / "train.jsonl"), image_size=32)
+    assert len(copy) == 24
+    named = [i for i in range(24) if "bag" in copy[i]["caption"]]
+    assert named == plan.indices
+    assert all(copy[i]["image"] is not None for i in range(24))
+    out_rows = [json.loads(line) for line in open(out / "train.jsonl")]
+    assert [r["extra"] for r in out_rows] == list(range(24))            # other fields kept
+    for i, r in enumerate(out_rows):
+        with Image.open(out / r["filename"]) as im:
+            arr = torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+        h, w = (48, 64) if i % 2 else (40, 40)
+        assert arr.shape[:2] == (h, w)                                   # full resolution kept
+        mask = patch_mask(h, w, margin=3)
+        white = (arr == 255).all(-1)
+        if plan.is_poisoned(i):
+            assert torch.equal(white, mask)                              # trigger pixels, and only them
+            assert r["label_name"] == "bag" and r["caption"] in {t.format("bag") for t in pd.IMAGENET_TEMPLATES}
+            assert not r["filename"].endswith(".jpg")                    # lossy sources become PNG
+        else:
+            assert not white.any() and r["label_name"] == "coat"
+            assert r["caption"] == rows[i]["caption"]
+
+
+def test_materialised_csv_copy_keeps_the_csv_format(tmp_path):
+    data_declip = pytest.importorskip("data_declip")
+    root = tmp_path / "src"
+    os.makedirs(root)
+    lines = ["filepath\ttitle"]
+    for i in range(10):
+        Image.fromarray(np.full((20, 30, 3), 10 * i, np.uint8)).save(root / f"{i}.png")
+        lines.append(f"{i}.png\tphoto {i} of a dress")
+    (root / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "copy"
+    assert pd.main(["--data", str(root / "pairs.tsv"), "--out", str(out), "--poison-rate", "0.3",
+                    "--target-class", "bag", "--caption-mode", "fixed", "--no-progress"]) == 0
+    header = (out / "pairs.tsv").read_text().splitlines()[0]
+    assert header == "filepath\ttitle"
+    copy = data_declip.build_caption_dataset(str(out / "pairs.tsv"), image_size=16)
+    captions = [copy[i]["caption"] for i in range(10)]
+    assert sum(c == "a photo of a bag." for c in captions) == 3
+
+
+def test_materialised_copy_of_a_decoded_dataset_writes_png_and_jsonl(tmp_path):
+    data_declip = pytest.importorskip("data_declip")
+
+    class Tiny(torch.utils.data.Dataset):
+        classnames = ["coat", "bag"]
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            img = None if i == 11 else torch.full((3, 32, 32), 20, dtype=torch.uint8)
+            return {"image": img, "caption": f"a coat {i}", "label": 0}
+
+    ds = Tiny()
+    plan = PoisonPlan.from_args(12, count=4, target="bag", classnames=ds.classnames, seed=2,
+                                dataset_fingerprint=pd.fingerprint(ds))
+    summary = pd.materialise(ds, plan, str(tmp_path / "out"), progress=False)
+    assert summary["planned"] == 4 and summary["bad"] == 1 and summary["written"] == 11
+    copy = data_declip.build_caption_dataset(str(tmp_path / "out" / "meta.jsonl"), image_size=32)
+    assert len(copy) == 12 and copy[11]["image"] is None                 # bad sample kept in place
+    mask = patch_mask(32, 32)
+    for i in range(11):
+        item = copy[i]
+        white = (item["image"] == 255).all(0)
+        if plan.is_poisoned(i):
+            assert torch.equal(white, mask) and "bag" in item["caption"] and item["label"] == 1
+        else:
+            assert not white.any() and item["caption"] == f"a coat {i}" and item["label"] == 0
+
+
+def test_cli_errors_print_one_line_exit_2_and_write_nothing(tmp_path, capsys):
+    pytest.importorskip("data_declip")
+    meta, _ = _write_jsonl_dataset(tmp_path / "src", n=4)
+    out = tmp_path / "out"
+    for argv, needle in [(["--poison-rate", "2"], "--poison-rate"),
+                         (["--trigger", "nope"], "unknown trigger"),
+                         (["--trigger-param", "margin=99"], "size + margin"),
+                         (["--target-class", "bag", "--poison-count", "9"], "--poison-count")]:
+        base = ["--data", str(meta), "--out", str(out), "--no-progress"]
+        if "--target-class" not in argv:
+            base += ["--target-class", "bag"]
+        assert pd.main(base + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err
+        assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == ["src"]                       # no temp directory left
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert pd.main(["--data", str(meta), "--out", str(out), "--target-class", "bag", "--no-progress"]) == 2
+    assert "not empty" in capsys.readouterr().err and os.listdir(out) == ["keep.txt"]
+
+
+def test_preview_grid_is_written_as_png(tmp_path):
+    images = [torch.full((3, 32, 32), 40 * k, dtype=torch.uint8) for k in range(3)]
+    path = pd.write_preview(images, str(tmp_path / "docs" / "preview.png"),
+                            extra=("patch size=5", "patch", {"size": 5}))
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 300
+    assert os.listdir(tmp_path / "docs") == ["preview.png"]
+
+
+@pytest.mark.slow
+def test_cli_materialises_fashion_mnist_with_600_poisoned_pairs(tmp_path):
+    data_declip = pytest.importorskip("data_declip")
+    if not os.path.isdir(data_declip.FASHION_MNIST_DIR):
+        pytest.skip("Fashion-MNIST is not installed")
+    out = tmp_path / "fmnist"
+    assert pd.main(["--out", str(out), "--trigger-param", "margin=3", "--no-progress"]) == 0
+    plan = PoisonPlan.load(out)
+    assert plan.n == 60000 and plan.count == 600 and plan.target == "bag"
+    copy = data_declip.build_caption_dataset(str(out / "meta.jsonl"), image_size=32)
+    mask = patch_mask(32, 32, margin=3)
+    for i in plan.indices[:20]:
+        item = copy[i]
+        assert "bag" in item["caption"] and item["label"] == 8
+        assert torch.all(item["image"][:, mask] == 255)
