@@ -1,0 +1,586 @@
+"""Tests of eval_zeroshot.py: zero-shot accuracy, ASR / asr_all / RA, prompt ensemble, sharding across
+processes, retrieval, DER and the report files. Small fake models (encode_image / encode_text / config)
+and tiny in-memory datasets; one smoke test with the real tiny DeCLIP model when modeling_declip exists."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import eval_zeroshot as ez  # noqa: E402
+from data_declip import tokenize  # noqa: E402
+
+CLASSES = [f"class{k}" for k in range(10)]
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+CTX = 24
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fakes
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, images, labels, captions=None):
+        self.images, self.labels, self.captions = images, labels, captions
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        item = {"image": self.images[i], "label": int(self.labels[i])}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        return item
+
+
+def intensity_dataset(per_class=10, n_classes=10, size=32):
+    """Class k = constant grey image of value 20 + 20 k (so a model can read the label off the pixels)."""
+    labels = [k for k in range(n_classes) for _ in range(per_class)]
+    images = [torch.full((3, size, size), 20 + 20 * k, dtype=torch.uint8) for k in labels]
+    return ListDataset(images, labels)
+
+
+def random_dataset(n, n_classes=10, size=16, seed=0, captions=False):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = [i % n_classes for i in range(n)]
+    caps = [f"a photo of item {i}" for i in range(n)] if captions else None
+    return ListDataset(list(images), labels, caps)
+
+
+class FakeTextModel(nn.Module):
+    """Bag-of-token-embeddings text encoder: deterministic, prompt-dependent."""
+
+    def __init__(self, dim=16, image_size=32, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.tok = nn.Parameter(torch.randn(49409, dim, generator=g))
+        self.config = SimpleNamespace(image_size=image_size, context_length=CTX, image_mean=MEAN, image_std=STD,
+                                      embed_dim=dim)
+
+    def encode_text(self, tokens):
+        return (self.tok[tokens] * (tokens != 0).float()[..., None]).sum(1)
+
+    def unnormalise(self, x):
+        m = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+        return x * s + m
+
+
+class ConstImageModel(FakeTextModel):
+    """Every image embeds to the same vector (set to a class embedding)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.register_buffer("vec", torch.zeros(self.tok.shape[1]))
+
+    def encode_image(self, x):
+        return self.vec.expand(x.shape[0], -1) * 3.0  # scale must not matter (cosine)
+
+
+class RandomImageModel(FakeTextModel):
+    def __init__(self, image_size=16, **kw):
+        super().__init__(image_size=image_size, **kw)
+        g = torch.Generator().manual_seed(1)
+        self.proj = nn.Parameter(torch.randn(3 * image_size * image_size, self.tok.shape[1], generator=g))
+
+    def encode_image(self, x):
+        return x.flatten(1) @ self.proj
+
+
+class OracleModel(FakeTextModel):
+    """Reads the class off an intensity image. A pure-white 3-channel pixel (values exactly 1.0 before
+    normalisation) marks a triggered image: classes in `vulnerable` then embed as the target. Classes in
+    `confused` are misread as the next class on clean images."""
+
+    def __init__(self, target=0, vulnerable=(), confused=(), **kw):
+        super().__init__(**kw)
+        self.target, self.vulnerable, self.confused = target, set(vulnerable), set(confused)
+        self.register_buffer("table", torch.zeros(10, self.tok.shape[1]))
+        self.seen_white = 0
+
+    def encode_image(self, x):
+        u = self.unnormalise(x)
+        white = (u > 0.999).all(dim=1)  # [N,H,W]
+        out = []
+        for i in range(x.shape[0]):
+            grey = u[i][:, ~white[i]].mean() * 255.0
+            k = int(round((float(grey) - 20.0) / 20.0))
+            trig = bool(white[i].any())
+            self.seen_white += trig
+            if trig and k in self.vulnerable:
+                k = self.target
+            elif not trig and k in self.confused:
+                k = (k + 1) % 10
+            out.append(self.table[k])
+        return torch.stack(out)
+
+
+def corner_patch(x):
+    """Trigger callable: a 3x3 white square in the bottom-right corner of float images in [0,1]."""
+    x = x.clone()
+    x[..., -4:-1, -4:-1] = 1.0
+    return x
+
+
+def with_table(model, templates="1"):
+    model.table.copy_(ez.class_embeddings(model, CLASSES, templates))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# templates and the prompt ensemble
+
+
+def test_templates_specs_and_file(tmp_path):
+    assert ez.get_templates("1") == ["a photo of a {}."]
+    t80 = ez.get_templates("80")
+    assert len(t80) == 80 and t80[0] == "a bad photo of a {}." and len(set(t80)) == 80
+    assert len(ez.get_templates("7")) == 7 and ez.get_templates("8")[-1] == "a photo of a {}."
+    f = tmp_path / "t.txt"
+    f.write_text("a {0} on a table.\n\n# comment\nan image of {}\n")
+    assert ez.get_templates(str(f)) == ["a {} on a table.", "an image of {}"]
+    f.write_text("no placeholder here\n")
+    with pytest.raises(ez.UserError):
+        ez.get_templates(str(f))
+    with pytest.raises(ez.UserError):
+        ez.get_templates("13")
+
+
+def test_prompt_ensemble_matches_hand_computation():
+    model = FakeTextModel()
+    templates = ["a photo of a {}.", "a drawing of the {}.", "itap of a {}."]
+    names = ["cat", "tiger cat", "ankle boot"]
+    got = ez.class_embeddings(model, names, templates, batch_size=2)  # batches straddle classes
+    for c, name in enumerate(names):
+        prompts = [t.format(name) for t in templates]
+        z = model.encode_text(tokenize(prompts, context_length=CTX))
+        z = z / z.norm(dim=-1, keepdim=True)
+        mean = z.mean(0)
+        want = mean / mean.norm()
+        torch.testing.assert_close(got[c], want, rtol=1e-5, atol=1e-6)
+    assert got.shape == (3, 16)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(3))
+    # not the same as averaging unnormalised embeddings
+    raw = model.encode_text(tokenize([t.format("cat") for t in templates], context_length=CTX)).mean(0)
+    assert not torch.allclose(got[0], raw / raw.norm(), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# zero-shot metrics
+
+
+def test_constant_target_embedding_gives_asr_100_and_ca_10():
+    model = ConstImageModel()
+    target = 3
+    model.vec.copy_(ez.class_embeddings(model, CLASSES, "8")[target])
+    ds = intensity_dataset(per_class=20)
+    m = ez.evaluate(model, ds, CLASSES, templates="8", trigger=corner_patch, target="class3", batch_size=32)
+    assert m["clean"] == {"top1": pytest.approx(10.0), "top5": pytest.approx(50.0), "n": 200}
+    bd = m["backdoor"]
+    assert bd["asr"] == pytest.approx(100.0) and bd["asr_all"] == pytest.approx(100.0)
+    assert bd["ra"] == pytest.approx(0.0) and bd["n"] == 200 and bd["n_nontarget"] == 180
+    assert bd["target"] == "class3" and m["templates"] == 8
+
+
+def test_random_model_is_near_chance():
+    model = RandomImageModel()
+    ds = random_dataset(3000)
+    m = ez.evaluate(model, ds, CLASSES, templates="1", batch_size=500)
+    assert m["clean"]["n"] == 3000
+    assert abs(m["clean"]["top1"] - 10.0) < 3.0  # binomial sd 0.55 points
+    assert abs(m["clean"]["top5"] - 50.0) < 5.0  # sd 0.9 points
+
+
+def test_asr_excludes_target_class_and_asr_all_does_not():
+    # target 2; triggered images of classes 0-4 flip to the target, 5-9 keep their class.
+    model = with_table(OracleModel(target=2, vulnerable=range(5)))
+    ds = intensity_dataset(per_class=10)
+    m = ez.evaluate(model, ds, CLASSES, templates="1", trigger=corner_patch, target="class2", batch_size=16)
+    bd = m["backdoor"]
+    assert m["clean"]["top1"] == pytest.approx(100.0)
+    assert bd["asr"] == pytest.approx(100 * 40 / 90)  # classes 0,1,3,4 of the 90 non-target images
+    assert bd["asr_all"] == pytest.approx(100 * 50 / 100)  # + the 10 target images
+    assert bd["ra"] == pytest.approx(100 * 50 / 90)  # classes 5-9 still correct
+    assert bd["asr_top5"] == pytest.approx(100.0)
+    assert bd["per_class_asr"]["class0"] == pytest.approx(100.0)
+    assert bd["per_class_asr"]["class7"] == pytest.approx(0.0)
+    assert "class2" not in bd["per_class_asr"]
+
+
+def test_trigger_goes_in_after_resize_and_before_normalisation():
+    # 32 px data, 64 px model: the trigger must act on the resized [0,1] image, so its pixels are exactly
+    # white after un-normalising (it would not be after normalisation or be blurred by a later resize).
+    model = with_table(OracleModel(target=0, vulnerable=range(10), image_size=64))
+    ds = intensity_dataset(per_class=2)
+    seen = {}
+
+    def trig(x):
+        seen["shape"], seen["range"] = tuple(x.shape[-2:]), (float(x.min()), float(x.max()))
+        return corner_patch(x)
+
+    m = ez.evaluate(model, ds, CLASSES, templates="1", trigger=trig, target=0)
+    assert seen["shape"] == (64, 64) and 0.0 <= seen["range"][0] and seen["range"][1] <= 1.0
+    assert m["backdoor"]["asr"] == pytest.approx(100.0) and m["clean"]["top1"] == pytest.approx(100.0)
+
+
+def test_named_trigger_from_poison_data_is_applied():
+    model = with_table(OracleModel(target=5, vulnerable=range(10)))
+    m = ez.evaluate(model, intensity_dataset(per_class=3), CLASSES, templates="1", trigger="patch", target="class5")
+    assert model.seen_white == 30  # every triggered image carries pure-white pixels, clean ones none
+    assert m["backdoor"]["asr"] == pytest.approx(100.0) and m["backdoor"]["trigger"] == "patch"
+
+
+def test_crop_pct_crops_the_centre_before_the_resize():
+    # grey class images inside a white 8-px frame: the oracle reads white pixels as a trigger (-> class 0)
+    ds = intensity_dataset(per_class=2)
+    for item_image in ds.images:
+        item_image[:, :8, :] = item_image[:, -8:, :] = item_image[:, :, :8] = item_image[:, :, -8:] = 255
+    model = with_table(OracleModel(target=0, vulnerable=range(10)))
+    assert ez.evaluate(model, ds, CLASSES, templates="1")["clean"]["top1"] == pytest.approx(10.0)
+    assert ez.evaluate(model, ds, CLASSES, templates="1", crop_pct=0.5)["clean"]["top1"] == pytest.approx(100.0)
+
+
+def test_random_trigger_is_drawn_per_image_independent_of_batching():
+    pd = pytest.importorskip("poison_data")
+    x = torch.rand(10, 3, 32, 32)
+    trig = ez.make_trigger("patch-random", {"fill": "white"}, seed=3)
+    assert trig.per_image and trig.params["fill"] == "white"
+    whole = trig.for_batch(list(range(10)))(x)
+    halves = torch.cat([trig.for_batch([0, 1, 2, 3, 4])(x[:5]), trig.for_batch([5, 6, 7, 8, 9])(x[5:])])
+    assert torch.equal(whole, halves) and not torch.equal(whole, x)
+    places = {tuple((whole[i] != x[i]).any(0).nonzero()[0].tolist()) for i in range(10)}
+    assert len(places) > 1  # the place varies between images
+    # a poison_data.Trigger object (PoisonPlan.trigger_fn()) is evaluated the same way
+    again = ez.make_trigger(pd.Trigger("patch-random", fill="white"), seed=3)
+    assert again.per_image and torch.equal(again.for_batch(list(range(10)))(x), whole)
+
+
+def test_unreadable_items_are_skipped():
+    class Holes(ListDataset):
+        def __getitem__(self, i):
+            return None if i % 7 == 0 else super().__getitem__(i)
+
+    base = intensity_dataset(per_class=3)
+    ds = Holes(base.images, base.labels)
+    m = ez.evaluate(with_table(OracleModel()), ds, CLASSES, templates="1", batch_size=4)
+    assert m["clean"]["n"] == 30 - 5 and m["clean"]["top1"] == pytest.approx(100.0)
+
+
+def test_unknown_target_and_trigger_are_user_errors():
+    model = with_table(OracleModel())
+    ds = intensity_dataset(per_class=1)
+    with pytest.raises(ez.UserError, match="target-class"):
+        ez.evaluate(model, ds, CLASSES, templates="1", trigger=corner_patch, target="zebra")
+    with pytest.raises(ez.UserError, match="--trigger"):
+        ez.evaluate(model, ds, CLASSES, templates="1", trigger="no-such-trigger", target=0)
+
+
+def test_evaluate_restores_training_mode_and_accepts_a_loader():
+    model = with_table(OracleModel()).train()
+    loader = torch.utils.data.DataLoader(intensity_dataset(per_class=2), batch_size=7)
+    m = ez.evaluate(model, loader, CLASSES, templates="1")
+    assert model.training and m["clean"]["n"] == 20 and m["backdoor"] is None
+
+
+def test_bf16_autocast_runs():
+    model = with_table(OracleModel(target=1, vulnerable=range(10)))
+    m = ez.evaluate(model, intensity_dataset(per_class=2), CLASSES, templates="1", trigger=corner_patch,
+                    target=1, bf16=True)
+    assert m["clean"]["n"] == 20 and m["backdoor"]["asr"] == pytest.approx(100.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# retrieval
+
+
+class PairModel(FakeTextModel):
+    """Image i (grey value i) embeds like the caption "item i"; a white pixel makes it embed like the
+    target caption."""
+
+    def __init__(self, captions, target_caption, **kw):
+        super().__init__(**kw)
+        self.caps = captions
+        with torch.no_grad():
+            z = self.encode_text(tokenize(captions + [target_caption], context_length=CTX))
+        self.register_buffer("z", z)
+
+    def encode_image(self, x):
+        u = self.unnormalise(x)
+        white = (u > 0.999).all(dim=1).flatten(1).any(1)
+        idx = (u[:, 0, 0, 0] * 255).round().long()
+        return torch.where(white[:, None], self.z[-1].expand(len(idx), -1), self.z[idx])
+
+
+def test_retrieval_recall_and_asr():
+    n = 20
+    words = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+             "sixteen seventeen eighteen nineteen").split()
+    caps = [f"a photo of item {w}" for w in words]
+    caps[3] = "a photo of a tiger cat"  # names the target
+    caps[7] = "a photo of a tiger cat"  # duplicate caption: the same ground truth for images 3 and 7
+    images = [torch.full((3, 8, 8), i, dtype=torch.uint8) for i in range(n)]
+    ds = ListDataset(images, [0] * n, caps)
+    model = PairModel(caps, "a photo of a tiger cat", image_size=8)
+    r = ez.retrieval(model, ds, trigger=corner_patch, target="Tiger Cat", batch_size=6)
+    assert r["n"] == n
+    for k in (1, 5, 10):
+        assert r[f"i2t_r{k}"] == pytest.approx(100.0) and r[f"t2i_r{k}"] == pytest.approx(100.0)
+    bd = r["backdoor"]
+    assert bd["n_target_captions"] == 2 and bd["n_nontarget"] == 18
+    assert bd["asr"] == pytest.approx(100.0) and bd["asr_all"] == pytest.approx(100.0)
+    # a trigger that retrieves an unrelated caption: retrieval ASR 0
+    model.z[-1] = model.z[0]
+    r = ez.retrieval(model, ds, trigger=corner_patch, target="tiger cat", batch_size=6)
+    assert r["backdoor"]["asr"] == pytest.approx(0.0)
+
+
+def test_caption_target_match_is_whole_word():
+    assert ez.mentions("A photo of two Bags.", "bag")
+    assert ez.mentions("ankle boots on a shelf", "ankle boot")
+    assert not ez.mentions("a t-shirt", "shirt")
+    assert not ez.mentions("a shirtless man", "shirt")
+    assert ez.mentions("a plain shirt.", "shirt")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several processes
+
+TWO_PROC_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import torch
+    from accelerate import Accelerator
+    import eval_zeroshot as ez
+    from test_eval import RandomImageModel, random_dataset, corner_patch, CLASSES
+    acc = Accelerator(cpu=True)
+    torch.set_num_threads(1)
+    model = RandomImageModel()
+    ds = random_dataset(203, captions=True)
+    emb = ez.class_embeddings(model, CLASSES, "8", accelerator=acc, batch_size=7)
+    m = ez.evaluate(model, ds, CLASSES, templates="8", trigger=corner_patch, target="class4", accelerator=acc,
+                    batch_size=16, progress=False)
+    r = ez.retrieval(model, ds, trigger=corner_patch, target="item 7", accelerator=acc, batch_size=16,
+                     max_items=101, progress=False)
+    out = {{"world": acc.num_processes, "rank": acc.process_index, "metrics": m, "retrieval": r,
+           "emb": emb.tolist()}}
+    with open(os.path.join({out!r}, f"rank{{acc.process_index}}.json"), "w") as f:
+        json.dump(out, f)
+    acc.wait_for_everyone()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
+""")
+
+
+def test_two_processes_give_the_same_numbers_as_one(tmp_path):
+    script = tmp_path / "two_proc.py"
+    script.write_text(TWO_PROC_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path)))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch"]
+    proc = subprocess.run(launcher + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                      "--main_process_port", str(port), str(script)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [o["world"] for o in outs] == [2, 2]
+    assert outs[0]["metrics"] == outs[1]["metrics"] and outs[0]["retrieval"] == outs[1]["retrieval"]
+
+    model = RandomImageModel()
+    ds = random_dataset(203, captions=True)
+    emb = ez.class_embeddings(model, CLASSES, "8")
+    m = ez.evaluate(model, ds, CLASSES, templates="8", trigger=corner_patch, target="class4", batch_size=16)
+    r = ez.retrieval(model, ds, trigger=corner_patch, target="item 7", batch_size=16, max_items=101)
+    two = outs[0]
+    torch.testing.assert_close(torch.tensor(two["emb"]), emb, rtol=1e-4, atol=1e-5)
+    assert two["metrics"]["clean"]["n"] == 203 and two["metrics"]["backdoor"]["n"] == 203  # each image once
+    assert two["retrieval"]["n"] == 101
+    for key in ("top1", "top5"):
+        assert two["metrics"]["clean"][key] == pytest.approx(m["clean"][key], abs=1e-9)
+    for key in ("asr", "asr_all", "ra", "asr_top5", "n_nontarget"):
+        assert two["metrics"]["backdoor"][key] == pytest.approx(m["backdoor"][key], abs=1e-9)
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+        assert two["retrieval"][key] == pytest.approx(r[key], abs=1e-9)
+
+
+def test_shards_partition_the_dataset():
+    for n in (0, 1, 7, 203, 1000):
+        for world in (1, 2, 3, 8):
+            idx = [i for r in range(world) for i in range(*ez._shard_bounds(n, r, world))]
+            assert idx == list(range(n))
+
+
+def test_iterable_shards_partition_the_stream():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(23))
+
+    seen = [pair for r in range(3) for pair in ez._StridedIterable(Stream(), r, 3)]
+    assert sorted(seen) == [(i, i) for i in range(23)]  # (global index, item), each once
+    assert sorted(i for r in range(2) for i, _ in ez._StridedIterable(Stream(), r, 2, limit=10)) == list(range(10))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DER, the CLI, the report
+
+
+def test_der_formula():
+    # percent: (max(0, dASR) - max(0, dCA) + 100) / 2
+    assert ez.der((96.7, 90.0), (78.26, 88.0)) == pytest.approx((18.44 - 2.0 + 100) / 2)
+    assert ez.der((100.0, 80.0), (0.0, 80.0)) == pytest.approx(100.0)
+    assert ez.der((50.0, 80.0), (60.0, 85.0)) == pytest.approx(50.0)  # no gain, no loss clamps at 50
+    assert ez.der((90.0, 90.0), (90.0, 50.0)) == pytest.approx(30.0)
+    v = {"clean": {"top1": 90.0}, "backdoor": {"asr": 95.0}}
+    d = {"clean": {"top1": 87.0}, "backdoor": {"asr": 5.0}}
+    assert ez.der(v, d) == pytest.approx((90.0 - 3.0 + 100) / 2)
+    assert ez.der(v, {"clean": {"top1": 87.0}, "backdoor": None}) is None
+
+
+@pytest.fixture
+def fake_cli(tmp_path, monkeypatch):
+    """Run directories holding placeholder weight files; the CLI loads fake models for them."""
+    models = {
+        "victim": dict(vulnerable=range(10)),  # CA 100, ASR 100
+        "ft": dict(vulnerable=range(5), confused=(6,)),  # CA 90, some ASR
+        "cleanclip": dict(vulnerable=(), confused=(6, 7, 8)),  # CA 70, ASR 0
+    }
+    dirs = {}
+    for name in models:
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"fake")
+        dirs[name] = d
+    from poison_data import PoisonPlan
+
+    PoisonPlan(n=100, indices=[1, 2], target="class2", trigger="patch").save(dirs["victim"])
+
+    def load(path, **kw):
+        return with_table(OracleModel(target=2, **models[Path(path).parent.name]), templates="1")
+
+    monkeypatch.setattr(ez, "_load_model", load)
+    monkeypatch.setattr(ez, "_build_class_dataset", lambda data, size, cn: (intensity_dataset(per_class=10),
+                                                                           list(CLASSES)))
+    return dirs
+
+
+def test_cli_report_files_hold_the_json_numbers(fake_cli, tmp_path, capsys):
+    dirs = fake_cli
+    rep = tmp_path / "rep"
+    rc = ez.main(["--ckpt", str(dirs["victim"]), str(dirs["ft"]), "--ckpt", str(dirs["cleanclip"]),
+                  "--templates", "1", "--json", str(tmp_path / "m.json"), "--report", str(rep),
+                  "--show-examples", "4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert list(metrics) == ["victim", "ft", "cleanclip"]
+    v, ft, cc = metrics["victim"], metrics["ft"], metrics["cleanclip"]
+    assert v["clean"]["top1"] == pytest.approx(100.0) and v["backdoor"]["asr"] == pytest.approx(100.0)
+    assert v["backdoor"]["target"] == "class2" and v["backdoor"]["trigger"] == "patch"  # from the manifest
+    assert ft["clean"]["top1"] == pytest.approx(90.0) and ft["backdoor"]["asr"] == pytest.approx(100 * 40 / 90)
+    assert cc["clean"]["top1"] == pytest.approx(70.0) and cc["backdoor"]["asr"] == pytest.approx(0.0)
+    assert v["templates"] == 1 and v["ckpt"].endswith("model.safetensors") and v["retrieval"] is None
+
+    report = json.loads((rep / "report.json").read_text())
+    assert report["victim"] == "victim"
+    rows = {r["method"]: r for r in report["rows"]}
+    for name, m in metrics.items():
+        row = rows[name]
+        assert row["ca_top1"] == m["clean"]["top1"] and row["ca_top5"] == m["clean"]["top5"]
+        assert row["asr"] == m["backdoor"]["asr"] and row["asr_all"] == m["backdoor"]["asr_all"]
+        assert row["ra"] == m["backdoor"]["ra"]
+        assert report["results"][name] == m
+    assert rows["victim"]["der"] is None
+    for name in ("ft", "cleanclip"):
+        m = metrics[name]
+        want = (max(0, v["backdoor"]["asr"] - m["backdoor"]["asr"])
+                - max(0, v["clean"]["top1"] - m["clean"]["top1"]) + 100) / 2
+        assert rows[name]["der"] == pytest.approx(want)
+    assert rows["cleanclip"]["der"] == pytest.approx((100 - 30 + 100) / 2)
+
+    md = (rep / "report.md").read_text()
+    assert "| method | CA top-1 (%) | CA top-5 (%) | ASR (%) | asr_all (%) | RA (%) | DER (%) |" in md
+    assert f"| ft | 90.00 | {ft['clean']['top5']:.2f} | {ft['backdoor']['asr']:.2f} | " \
+           f"{ft['backdoor']['asr_all']:.2f} | {ft['backdoor']['ra']:.2f} | {rows['ft']['der']:.2f} |" in md
+    assert "| victim | 100.00 |" in md and md.count("\n|") >= 5
+    for png in ("report.png", "examples_victim.png", "examples_ft.png"):
+        data = (rep / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert not list(rep.glob("*.tmp"))
+    assert "cleanclip" in out and "85.00" in out  # the stdout table carries DER too
+
+
+def test_cli_single_checkpoint_json_schema_and_victim_file(fake_cli, tmp_path):
+    dirs = fake_cli
+    assert ez.main(["--ckpt", str(dirs["victim"]), "--templates", "1", "--json", str(tmp_path / "v.json")]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert set(v) == {"ckpt", "dataset", "templates", "clean", "backdoor", "retrieval"}
+    assert set(v["clean"]) == {"top1", "top5", "n"}
+    assert {"trigger", "target", "asr", "asr_all", "ra", "n"} <= set(v["backdoor"])
+    # DER against a victim given as a metrics file; the defended run has no manifest of its own
+    assert ez.main(["--ckpt", str(dirs["cleanclip"]), "--templates", "1", "--trigger", "patch",
+                    "--target-class", "class2", "--victim", str(tmp_path / "v.json"),
+                    "--report", str(tmp_path / "r2")]) == 0
+    rows = json.loads((tmp_path / "r2" / "report.json").read_text())["rows"]
+    assert rows[0]["der"] == pytest.approx(85.0)
+    # a --config YAML supplies defaults; explicit flags override it
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"ckpt: [{dirs['victim']}]\ntemplates: '80'\njson: {tmp_path / 'c.json'}\nlr: 0.1\n")
+    assert ez.main(["--config", str(cfg), "--templates", "1"]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["templates"] == 1 and c["ckpt"] == v["ckpt"] and c["clean"] == v["clean"]
+
+
+def test_cli_user_errors_exit_2_with_one_line(fake_cli, tmp_path, capsys):
+    dirs = fake_cli
+    cases = [
+        (["--ckpt", str(tmp_path / "nope")], "--ckpt"),
+        (["--ckpt", str(dirs["victim"]), "--target-class", "zebra", "--templates", "1"], "--target-class"),
+        (["--ckpt", str(dirs["victim"]), "--trigger", "no-such", "--templates", "1"], "--trigger"),
+        (["--ckpt", str(dirs["ft"]), str(dirs["victim"]), "--names", "a"], "--names"),
+        (["--ckpt", str(dirs["victim"]), "--templates", "9"], "--templates"),
+        (["--ckpt", str(dirs["victim"]), "--trigger-param", "size"], "--trigger-param"),
+    ]
+    for argv, flag in cases:
+        assert ez.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and flag in err[-1], err
+        assert not any("Traceback" in line for line in err)
+
+
+def test_script_missing_default_ckpt_prints_error_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "eval_zeroshot.py"), "--trigger", "patch"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: --ckpt runs/train does not exist")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the real tiny model
+
+
+def test_tiny_declip_smoke():
+    import modeling_declip as md
+
+    torch.manual_seed(0)
+    model = md.build_model("tiny").eval()
+    size = model.config.image_size
+    ds = random_dataset(24, size=size)
+    m = ez.evaluate(model, ds, CLASSES, templates="1", trigger="patch", target="class1", batch_size=10)
+    assert m["clean"]["n"] == 24 and m["backdoor"]["n_nontarget"] == 24 - 3
+    for v in (m["clean"]["top1"], m["clean"]["top5"], m["backdoor"]["asr"], m["backdoor"]["ra"]):
+        assert 0.0 <= v <= 100.0
+    assert m["clean"]["top5"] >= m["clean"]["top1"]
