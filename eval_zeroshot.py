@@ -3,7 +3,8 @@ checkpoints, and a comparison report over several of them.
 
     python eval_zeroshot.py --trigger patch                       # default run dir, target from its manifest
     accelerate launch eval_zeroshot.py --ckpt runs/demo/clean runs/demo/victim runs/demo/ft \
-        --trigger patch --report runs/demo
+        --trigger patch --report runs/demo --bar-asr 10 --bar-ca-drop 3
+    python eval_zeroshot.py --aggregate runs/demo/seed0/report.json runs/demo/seed1/report.json --report runs/demo
 
 Procedure (spec section 7): class embeddings from a prompt ensemble (each prompt embedding L2-normalised,
 averaged over the templates, renormalised), computed once per checkpoint; image embeddings L2-normalised;
@@ -18,6 +19,14 @@ Backdoor metrics (percentages 0-100):
   ra       share of triggered non-target images still classified as their true class;
   DER      (max(0, ASR_v - ASR_d) - max(0, CA_v - CA_d) + 100) / 2, in percent (100 = backdoor removed at
            no cost in clean accuracy, 50 = no change), with CA = clean top-1 and ASR = asr.
+
+Report (--report DIR: report.md, report.json, report.png; the report.md table is also printed): one row per
+checkpoint with CA top-1/top-5, ASR, asr_all, RA, DER and `train min` (the "minutes" of the run directory's
+summary.json, or --timings FILE), a total-minutes footer; rows named 'clean' (or --clean NAME) are the clean
+reference, without DER or bar. --bar-asr / --bar-ca-drop give every defense row `meets bar` (ASR <= bar and
+victim CA - CA <= bar) and end report.md with a sentence naming the defenses that meet it, or saying that none
+does. --aggregate REPORT.json ... writes the same files with mean ± sample std (n - 1) per numeric column over
+the seeds' reports, without evaluating any model.
 
 The library part (class_embeddings, evaluate, retrieval, der, get_templates) is imported by
 train_declip.py (--eval-every) and the defense scripts.
@@ -43,6 +52,7 @@ from data_declip import UserError
 DEFAULT_TRAIN_DIR = "runs/train"  # default --out-dir of train_declip.py
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "poison_manifest.json"
+SUMMARY_FILE = "summary.json"  # written into every run directory by train_declip.py / defend_*.py
 
 BASE_TEMPLATE = "a photo of a {}."
 # The 7 templates found by sequential forward selection over the 80 ImageNet templates in OpenAI's
@@ -597,30 +607,174 @@ def _fmt(v, nd=2):
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
-def report_rows(results: dict, victim=None) -> list[dict]:
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_minutes(ckpt) -> float | None:
+    """Training minutes ("minutes" of summary.json) of the run directory `ckpt` or of the run directory
+    holding the checkpoint file `ckpt`; None when there is no readable summary.json with a number there."""
+    p = Path(ckpt)
+    f = (p if p.is_dir() else p.parent) / SUMMARY_FILE
+    try:
+        s = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    m = s.get("minutes") if isinstance(s, dict) else None
+    return float(m) if _is_number(m) else None
+
+
+def read_timings(path) -> dict:
+    """--timings FILE: a JSON object mapping method name -> training minutes (a number, or null = unknown)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            t = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--timings {path}: cannot read it as JSON ({e}).")
+    bad = [k for k, v in t.items() if v is not None and not (_is_number(v) and v >= 0)] if isinstance(t, dict) \
+        else None
+    if bad is None or bad:
+        raise UserError(f"--timings {path}: expected a JSON object of method name -> minutes (a number >= 0)"
+                        + (f"; bad entries: {bad[:3]!r}" if bad else "") + ".")
+    return {str(k): (None if v is None else float(v)) for k, v in t.items()}
+
+
+def _bar_terms(bar) -> str:
+    bar_asr, bar_ca = bar
+    terms = ([f"ASR ≤ {bar_asr:g}%"] if bar_asr is not None else []) + (
+        [f"CA drop ≤ {bar_ca:g} points"] if bar_ca is not None else [])
+    return ", ".join(terms)
+
+
+def _bar_active(bar):
+    return bar is not None and any(b is not None for b in bar)
+
+
+def meets_bar(asr, ca_drop, bar) -> bool | None:
+    """Whether a defense with `asr` (percent) and clean-accuracy drop `ca_drop` (points, victim CA - CA) meets
+    bar = (max ASR, max CA drop), either part None = not checked; None when a needed number is missing."""
+    bar_asr, bar_ca = bar
+    ok = True
+    for value, limit in ((asr, bar_asr), (ca_drop, bar_ca)):
+        if limit is None:
+            continue
+        if not _is_number(value):
+            return None
+        ok = ok and value <= limit + 1e-9  # percentages of counts: no float-rounding misses at the limit
+    return ok
+
+
+def report_rows(results: dict, victim=None, minutes=None, clean=None, bar=None) -> list[dict]:
     """One row per method (name -> metrics dict): CA top-1/top-5, asr, asr_all, ra and DER (percent)
-    against `victim` (a method name in results, or a metrics dict); the victim's own row has DER None."""
+    against `victim` (a method name in results, or a metrics dict). The victim's row and the clean reference
+    rows (names in `clean`; default: a method named 'clean') have DER None and no bar. minutes: name ->
+    training minutes. bar: (max ASR %, max CA drop in points against the victim), parts None = off; it gives
+    every defense row "meets_bar" (True / False / None when a number is missing)."""
     vname, vmetrics = None, None
     if isinstance(victim, str):
         vname, vmetrics = victim, results[victim]
     elif isinstance(victim, dict):
         vmetrics = victim
+    clean = {n for n in results if n.lower() == "clean"} if clean is None else set(clean)
+    ca_v = float(vmetrics["clean"]["top1"]) if vmetrics is not None else None
+    minutes = minutes or {}
     rows = []
     for name, m in results.items():
         bd = m.get("backdoor") or {}
-        rows.append({
-            "method": name, "ckpt": m.get("ckpt"),
-            "ca_top1": m["clean"]["top1"], "ca_top5": m["clean"]["top5"],
+        role = "victim" if name == vname else ("clean" if name in clean else "defense")
+        ca = m["clean"]["top1"]
+        row = {
+            "method": name, "role": role, "ckpt": m.get("ckpt"),
+            "ca_top1": ca, "ca_top5": m["clean"]["top5"],
             "asr": bd.get("asr"), "asr_all": bd.get("asr_all"), "ra": bd.get("ra"),
-            "der": None if (vmetrics is None or name == vname) else der(vmetrics, m),
-        })
+            "der": der(vmetrics, m) if (vmetrics is not None and role == "defense") else None,
+            "ca_drop": ca_v - ca if (ca_v is not None and role == "defense") else None,
+            "minutes": minutes.get(name),
+            "meets_bar": None,
+        }
+        if role == "defense" and _bar_active(bar):
+            row["meets_bar"] = meets_bar(row["asr"], row["ca_drop"], bar)
+        rows.append(row)
     return rows
 
 
-def format_table(rows) -> str:
+def bar_sentence(rows, bar, n_seeds=None) -> str:
+    """One plain sentence: which defense rows meet the bar, with their numbers, or that none does."""
+    terms = _bar_terms(bar)
+    lead = f"On the mean over {n_seeds} seeds, " if n_seeds else ""
+    defenses = [r for r in rows if r.get("role", "defense") == "defense"]
+    met = [r for r in defenses if r.get("meets_bar") is True]
+    if not met:
+        return (lead + "no" if lead else "No") + f" defense meets the bar ({terms})."
+
+    def numbers(r):
+        parts = ([f"ASR {_fmt(r['asr'])}%"] if bar[0] is not None else []) + (
+            [f"CA drop {_fmt(r['ca_drop'])} points"] if bar[1] is not None else [])
+        return f"{r['method']} ({', '.join(parts)})"
+
+    verb = "meets" if len(met) == 1 else "meet"
+    return (f"{lead}{len(met)} of {len(defenses)} defense{'s' if len(defenses) != 1 else ''} {verb} the bar "
+            f"({terms}): {', '.join(numbers(r) for r in met)}.")
+
+
+def total_minutes_line(rows) -> str:
+    known = [r["minutes"] for r in rows if _is_number(r.get("minutes"))]
+    if not known:
+        return "Total training time: – (no row has a summary.json or a --timings entry)."
+    s = f"Total training time: {sum(known):.2f} min over "
+    if len(known) == len(rows):
+        return s + f"all {len(rows)} rows."
+    return s + f"{len(known)} of {len(rows)} rows (– = no summary.json or --timings entry)."
+
+
+def _cell(r, key):
+    """A table cell: the value, or 'mean ± std' for aggregated rows (just the mean for one value)."""
+    if f"{key}_std" not in r:
+        return _fmt(r.get(key))
+    mean, std, n = r.get(key), r.get(f"{key}_std"), r.get(f"{key}_n")
+    s = _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
+    if mean is not None and n is not None and r.get("seeds") and n < r["seeds"]:
+        s += f" (n={n})"
+    return s
+
+
+def _bar_cell(r):
+    if r.get("role", "defense") != "defense":
+        return "–"
+    s = {True: "yes", False: "no", None: "–"}[r.get("meets_bar")]
+    if r.get("meets_bar_seeds"):
+        k, n = r["meets_bar_seeds"]
+        s += f" ({k}/{n} seeds)"
+    return s
+
+
+_COLUMNS = [("CA top-1 (%)", "ca_top1"), ("CA top-5 (%)", "ca_top5"), ("ASR (%)", "asr"),
+            ("asr_all (%)", "asr_all"), ("RA (%)", "ra"), ("DER (%)", "der"), ("train min", "minutes")]
+
+
+def markdown_table(rows, bar=None) -> list[str]:
+    """The report.md table: method, CA top-1/top-5, ASR, asr_all, RA, DER, train min, [meets bar], [seeds]."""
+    with_bar = _bar_active(bar)
+    with_seeds = any("seeds" in r for r in rows)
+    head = ["method"] + [h for h, _ in _COLUMNS] + (["meets bar"] if with_bar else []) + (
+        ["seeds"] if with_seeds else [])
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        cells = [r["method"]] + [_cell(r, k) for _, k in _COLUMNS] + ([_bar_cell(r)] if with_bar else []) + (
+            [str(r.get("seeds", "–"))] if with_seeds else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_table(rows, bar=None) -> str:
     head = ["method", "CA top-1 %", "CA top-5 %", "ASR %", "asr_all %", "RA %", "DER %"]
-    body = [[r["method"], _fmt(r["ca_top1"]), _fmt(r["ca_top5"]), _fmt(r["asr"]), _fmt(r["asr_all"]),
-             _fmt(r["ra"]), _fmt(r["der"])] for r in rows]
+    keys = ["ca_top1", "ca_top5", "asr", "asr_all", "ra", "der"]
+    if any(_is_number(r.get("minutes")) for r in rows):
+        head, keys = head + ["train min"], keys + ["minutes"]
+    body = [[r["method"]] + [_cell(r, k) for k in keys] for r in rows]
+    if _bar_active(bar):
+        head = head + ["meets bar"]
+        body = [b + [_bar_cell(r)] for b, r in zip(body, rows)]
     w = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(cells))
     return "\n".join([line(head), line(["-" * x for x in w])] + [line(b) for b in body])
@@ -638,62 +792,236 @@ def _write_json(path, obj):
     _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
-def write_report(out_dir, results: dict, victim=None, info=None) -> dict:
-    """Write out_dir/report.md, report.json and report.png; return the report.json content."""
+def _bar_json(rows, bar, sentence):
+    if not _bar_active(bar):
+        return None
+    return {"asr": bar[0], "ca_drop": bar[1], "sentence": sentence,
+            "meets": [r["method"] for r in rows if r.get("role") == "defense" and r.get("meets_bar") is True]}
+
+
+def _der_bullet(vname):
+    return (f"- DER (percent) = (max(0, ASR_v - ASR_d) - max(0, CA_v - CA_d) + 100) / 2 against "
+            f"{'`' + vname + '`' if vname else 'no victim (pass --victim)'}; 50 = no change, 100 = backdoor "
+            "removed at no clean cost; not given for the victim and the clean reference.")
+
+
+_METRIC_BULLET = ("- CA = clean zero-shot accuracy; ASR = triggered non-target images classified as the target; "
+                  "asr_all = the same over all triggered images (original repo); RA = triggered non-target images "
+                  "still classified correctly; train min = training minutes of the run (its summary.json or "
+                  "--timings).")
+
+
+def _finish_md(md, rows, bar, footer, sentence):
+    """Table, footer, figure, and (with a bar) the bar sentence as the last line; returns the printable part."""
+    table = markdown_table(rows, bar) + ["", footer]
+    md += table + ["", "![CA and ASR per method](report.png)", ""]
+    if sentence:
+        md += [sentence, ""]
+        table += ["", sentence]
+    return "\n".join(table)
+
+
+def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, clean=None, bar=None) -> dict:
+    """Write out_dir/report.md, report.json and report.png; return the report.json content (its "table" key
+    holds the markdown table with the footer and bar sentence, as printed by the CLI)."""
     out_dir = Path(out_dir)
-    rows = report_rows(results, victim)
+    rows = report_rows(results, victim, minutes=minutes, clean=clean, bar=bar)
     info = dict(info or {})
     vname = victim if isinstance(victim, str) else ("--victim file" if isinstance(victim, dict) else None)
-    rep = {**info, "victim": vname, "der_unit": "percent, 100 * (dASR - dCA + 1) / 2", "rows": rows,
-           "results": results}
+    vmetrics = results[victim] if isinstance(victim, str) else victim
+    sentence = bar_sentence(rows, bar) if _bar_active(bar) else None
+    footer = total_minutes_line(rows)
     md = ["# Zero-shot evaluation", ""]
     for key in ("dataset", "templates", "trigger", "target"):
         if info.get(key) is not None:
             md.append(f"- {key}: {info[key]}")
-    md += ["- CA = clean zero-shot accuracy; ASR = triggered non-target images classified as the target; "
-           "asr_all = the same over all triggered images (original repo); RA = triggered non-target images "
-           "still classified correctly.",
-           f"- DER (percent) = (max(0, ASR_v - ASR_d) - max(0, CA_v - CA_d) + 100) / 2 against "
-           f"{'`' + vname + '`' if vname else 'no victim (pass --victim)'}; 50 = no change, 100 = backdoor "
-           "removed at no clean cost.", ""]
-    md.append("| method | CA top-1 (%) | CA top-5 (%) | ASR (%) | asr_all (%) | RA (%) | DER (%) |")
-    md.append("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        md.append(f"| {r['method']} | {_fmt(r['ca_top1'])} | {_fmt(r['ca_top5'])} | {_fmt(r['asr'])} | "
-                  f"{_fmt(r['asr_all'])} | {_fmt(r['ra'])} | {_fmt(r['der'])} |")
-    md += ["", "![CA and ASR per method](report.png)", ""]
+    clean_rows = [r["method"] for r in rows if r["role"] == "clean"]
+    md += [_METRIC_BULLET, _der_bullet(vname)]
+    if clean_rows:
+        md.append(f"- clean reference: {', '.join('`' + n + '`' for n in clean_rows)}.")
+    if sentence:
+        md.append(f"- bar ({_bar_terms(bar)}; CA drop = victim CA top-1 - row CA top-1) for every row but the "
+                  "victim and the clean reference.")
+    md.append("")
+    table = _finish_md(md, rows, bar, footer, sentence)
+    known = [r["minutes"] for r in rows if _is_number(r.get("minutes"))]
+    rep = {**info, "victim": vname,
+           "victim_ca_top1": vmetrics["clean"]["top1"] if vmetrics is not None else None,
+           "victim_asr": (vmetrics.get("backdoor") or {}).get("asr") if vmetrics is not None else None,
+           "clean": clean_rows, "der_unit": "percent, 100 * (dASR - dCA + 1) / 2", "rows": rows,
+           "total_minutes": sum(known) if known else None, "bar": _bar_json(rows, bar, sentence),
+           "results": results}
     _atomic_write(out_dir / "report.md", lambda p: p.write_text("\n".join(md), encoding="utf-8"))
     _write_json(out_dir / "report.json", rep)
     title = info.get("title") or ("Clean accuracy and ASR per method" + (
-        f" ({info['trigger']} -> {info['target']!r})" if info.get("trigger") else ""))
+        f"\n{info['trigger']} -> {info['target']!r}" if info.get("trigger") else ""))
     _atomic_write(out_dir / "report.png", lambda p: plot_report(rows, p, title=title))
+    return {**rep, "table": table}
+
+
+# --------------------------------------------------------------------------------------------------------
+# several seeds: mean ± std of report.json files
+
+
+def _mean_std(values):
+    """(mean, sample std with n - 1, n) of the numbers among values; std None for fewer than two."""
+    xs = [float(v) for v in values if _is_number(v)]
+    if not xs:
+        return None, None, 0
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return mean, std, len(xs)
+
+
+def _read_report(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rep = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--aggregate {path}: cannot read it as JSON ({e}).")
+    rows = rep.get("rows") if isinstance(rep, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "method" in r for r in rows):
+        raise UserError(f"--aggregate {path}: not a report.json of eval_zeroshot.py --report (no rows).")
     return rep
 
 
+def _victim_ca(rep):
+    """Victim clean top-1 of one report.json: its victim row, else the stored --victim file value."""
+    for r in rep["rows"]:
+        if r["method"] == rep.get("victim"):
+            return r.get("ca_top1")
+    return rep.get("victim_ca_top1")
+
+
+def aggregate_reports(paths, bar=None, clean=None) -> dict:
+    """Mean ± sample std (n - 1) over several report.json files (one per seed, the same methods) for every
+    numeric row column, as rows with KEY (the mean), KEY_std (None for one value) and KEY_n, plus "seeds".
+    With a bar, "meets_bar" holds the verdict on the means and "meets_bar_seeds" [seeds meeting it, seeds]."""
+    reps = [_read_report(p) for p in paths]
+    methods = [r["method"] for r in reps[0]["rows"]]
+    if len(set(methods)) != len(methods):
+        raise UserError(f"--aggregate {paths[0]}: method names repeat ({methods}).")
+    for p, rep in zip(paths[1:], reps[1:]):
+        other = [r["method"] for r in rep["rows"]]
+        if sorted(other) != sorted(methods):
+            raise UserError(f"--aggregate {p}: its methods {other} differ from those of {paths[0]} ({methods}); "
+                            "aggregate reports of the same study.")
+    victims = {rep.get("victim") for rep in reps}
+    if len(victims) > 1:
+        raise UserError(f"--aggregate: the reports name different victims ({sorted(map(str, victims))}).")
+    vname = victims.pop()
+    clean = set(clean) if clean is not None else {
+        r["method"] for rep in reps for r in rep["rows"] if r.get("role") == "clean" or r["method"].lower() == "clean"}
+    if clean - set(methods):
+        raise UserError(f"--clean {sorted(clean - set(methods))[0]} is not a method of the reports ({methods}).")
+    by_name = [{r["method"]: r for r in rep["rows"]} for rep in reps]
+    keys = []
+    for rep in reps:
+        for r in rep["rows"]:
+            keys += [k for k, v in r.items() if _is_number(v) and k not in keys]
+    # per-seed CA drop and bar verdicts, from each file's own victim CA
+    v_cas = [_victim_ca(rep) for rep in reps]
+    if bar is not None and bar[1] is not None and not all(_is_number(v) for v in v_cas):
+        raise UserError("--bar-ca-drop needs the victim's clean accuracy in every report (a victim row or a "
+                        "--victim file when they were written).")
+    rows = []
+    for name in methods:
+        seed_rows = [b[name] for b in by_name]
+        role = "victim" if name == vname else ("clean" if name in clean else "defense")
+        drops = [v - r["ca_top1"] if role == "defense" and _is_number(v) and _is_number(r.get("ca_top1"))
+                 else None for v, r in zip(v_cas, seed_rows)]
+        row = {"method": name, "role": role, "seeds": len(reps), "ckpts": [r.get("ckpt") for r in seed_rows]}
+        for k in keys + (["ca_drop"] if "ca_drop" not in keys else []):
+            vals = drops if k == "ca_drop" else [r.get(k) for r in seed_rows]
+            if k in ("der", "ca_drop") and role != "defense":
+                vals = []
+            row[k], row[f"{k}_std"], row[f"{k}_n"] = _mean_std(vals)
+        row["meets_bar"], row["meets_bar_seeds"] = None, None
+        if role == "defense" and _bar_active(bar):
+            row["meets_bar"] = meets_bar(row.get("asr"), row.get("ca_drop"), bar)
+            verdicts = [meets_bar(r.get("asr"), d, bar) for r, d in zip(seed_rows, drops)]
+            row["meets_bar_seeds"] = [sum(v is True for v in verdicts), len(verdicts)]
+        rows.append(row)
+    totals = [sum(r["minutes"] for r in rep["rows"] if _is_number(r.get("minutes"))) for rep in reps
+              if any(_is_number(r.get("minutes")) for r in rep["rows"])]
+    t_mean, t_std, t_n = _mean_std(totals)
+    info = {k: reps[0].get(k) for k in ("dataset", "templates", "trigger", "target")
+            if reps[0].get(k) is not None and all(rep.get(k) == reps[0].get(k) for rep in reps)}
+    return {**info, "aggregate_of": [str(p) for p in paths], "n_seeds": len(reps), "std": "sample (n - 1)",
+            "victim": vname, "clean": [m for m in methods if m in clean], "rows": rows,
+            "total_minutes": {"mean": t_mean, "std": t_std, "n": t_n, "per_seed": totals}}
+
+
+def write_aggregate(out_dir, paths, bar=None, clean=None) -> dict:
+    """Write out_dir/report.md, report.json and report.png for aggregate_reports(paths); return report.json
+    content plus "table" (what the CLI prints)."""
+    out_dir = Path(out_dir)
+    rep = aggregate_reports(paths, bar=bar, clean=clean)
+    rows, n = rep["rows"], rep["n_seeds"]
+    sentence = bar_sentence(rows, bar, n_seeds=n) if _bar_active(bar) else None
+    rep["bar"] = _bar_json(rows, bar, sentence)
+    t = rep["total_minutes"]
+    if t["mean"] is None:
+        footer = "Total training time: – (no row of any report has training minutes)."
+    else:
+        spread = f" ± {t['std']:.2f}" if t["std"] is not None else ""
+        footer = (f"Total training time per seed: {t['mean']:.2f}{spread} min (all rows; mean"
+                  f"{' ± std' if spread else ''} over {t['n']} seed{'s' if t['n'] != 1 else ''}); "
+                  f"all seeds together: {sum(t['per_seed']):.2f} min.")
+    md = [f"# Zero-shot evaluation: mean ± std over {n} seed{'s' if n != 1 else ''}", ""]
+    for key in ("dataset", "templates", "trigger", "target"):
+        if rep.get(key) is not None:
+            md.append(f"- {key}: {rep[key]}")
+    md += [f"- seeds: {n} (" + ", ".join(f"`{p}`" for p in rep["aggregate_of"]) + ")",
+           "- each cell: mean ± sample standard deviation (n - 1) over the seeds (just the mean for one seed); "
+           "(n=k) = only k seeds had the number.", _METRIC_BULLET, _der_bullet(rep["victim"])]
+    if rep["clean"]:
+        md.append(f"- clean reference: {', '.join('`' + c + '`' for c in rep['clean'])}.")
+    if sentence:
+        md.append(f"- bar ({_bar_terms(bar)}; CA drop = victim CA top-1 - row CA top-1) checked on the means; "
+                  "(k/n seeds) = seeds on which the row meets it alone.")
+    md.append("")
+    table = _finish_md(md, rows, bar, footer, sentence)
+    _atomic_write(out_dir / "report.md", lambda p: p.write_text("\n".join(md), encoding="utf-8"))
+    _write_json(out_dir / "report.json", rep)
+    title = f"Clean accuracy and ASR per method\nmean ± std over {n} seed{'s' if n != 1 else ''}" + (
+        f", {rep['trigger']} -> {rep['target']!r}" if rep.get("trigger") and rep.get("target") else "")
+    _atomic_write(out_dir / "report.png", lambda p: plot_report(rows, p, title=title))
+    return {**rep, "table": table}
+
+
 def plot_report(rows, path, title=None):
+    """CA and ASR bars per method; rows with "ca_top1_std" / "asr_std" (aggregates) get std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def col(key):
+        return [float(r[key]) if _is_number(r.get(key)) else float("nan") for r in rows]
+
     names = [r["method"] for r in rows]
-    ca = [r["ca_top1"] for r in rows]
-    asr = [r["asr"] if r["asr"] is not None else float("nan") for r in rows]
+    ca, asr = col("ca_top1"), col("asr")
+    errs = [[0.0 if math.isnan(e) else e for e in col(f"{k}_std")] for k in ("ca_top1", "asr")]
+    with_err = any(f"{k}_std" in r for r in rows for k in ("ca_top1", "asr"))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(rows) + 2), 4.2), dpi=120)
-    x = torch.arange(len(rows)).tolist()
+    x = list(range(len(rows)))
     w = 0.38
-    b1 = ax.bar([i - w / 2 for i in x], ca, w, label="clean accuracy (top-1)", color="#4C72B0")
-    b2 = ax.bar([i + w / 2 for i in x], asr, w, label="attack success rate", color="#C44E52")
-    for bars, vals in ((b1, ca), (b2, asr)):
-        for b, v in zip(bars, vals):
+    kw = dict(capsize=4, error_kw={"elinewidth": 1.2, "ecolor": "#333333"})
+    b1 = ax.bar([i - w / 2 for i in x], ca, w, label="clean accuracy (top-1)", color="#4C72B0",
+                **(dict(yerr=errs[0], **kw) if with_err else {}))
+    b2 = ax.bar([i + w / 2 for i in x], asr, w, label="attack success rate", color="#C44E52",
+                **(dict(yerr=errs[1], **kw) if with_err else {}))
+    for bars, vals, err in ((b1, ca, errs[0]), (b2, asr, errs[1])):
+        for b, v, e in zip(bars, vals, err):
             if not math.isnan(v):
-                ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom",
-                            fontsize=8, xytext=(0, 2), textcoords="offset points")
+                ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v + (e if with_err else 0.0)),
+                            ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center")
-    ax.set_ylim(0, 110)
-    ax.set_ylabel("%")
-    ax.set_title(title or "Clean accuracy and ASR per method")
+    ax.set_ylim(0, 115 if with_err else 110)
+    ax.set_ylabel("% (mean ± std over seeds)" if with_err else "%")
+    ax.set_title(title or "Clean accuracy and ASR per method", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15 if len(rows) <= 4 else -0.25), ncol=2,
               frameon=False)
     ax.grid(axis="y", alpha=0.3)
@@ -846,6 +1174,17 @@ def build_parser():
     p.add_argument("--retrieval-max", type=int, default=5000, help="use at most this many retrieval pairs")
     p.add_argument("--json", default=None, help="write metrics JSON here (dict keyed by name for several ckpts)")
     p.add_argument("--report", default=None, help="directory for report.md, report.json and report.png")
+    p.add_argument("--timings", default=None, metavar="FILE", help="JSON object of method name -> training "
+                   f"minutes for the report's 'train min' column (overrides each run directory's {SUMMARY_FILE})")
+    p.add_argument("--clean", nargs="+", action="extend", default=None, metavar="NAME",
+                   help="clean-reference row(s): no DER and no bar for them (default: the row named 'clean')")
+    p.add_argument("--bar-asr", type=float, default=None, metavar="PCT",
+                   help="bar: a defense meets it with ASR <= PCT (default: no bar)")
+    p.add_argument("--bar-ca-drop", type=float, default=None, metavar="POINTS",
+                   help="bar: a defense meets it losing <= POINTS of clean top-1 against the victim (default: no bar)")
+    p.add_argument("--aggregate", nargs="+", action="extend", default=None, metavar="REPORT_JSON",
+                   help="no evaluation: write --report DIR with mean ± std (sample, n - 1) over these report.json "
+                        "files of one study run with several seeds")
     p.add_argument("--show-examples", type=int, default=0, metavar="N",
                    help="write a PNG of N triggered test images with top-3 predictions per checkpoint")
     p.add_argument("--crop-pct", type=float, default=None, help="centre-crop fraction before the resize to the "
@@ -877,7 +1216,7 @@ def parse_args(argv=None):
                   **(section if isinstance(section, dict) else {})}
         dests = {a.dest for a in p._actions}
         merged = {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in dests}
-        lists = {k: merged.pop(k) for k in ("ckpt", "names", "trigger_param") if k in merged}
+        lists = {k: merged.pop(k) for k in ("ckpt", "names", "trigger_param", "clean", "aggregate") if k in merged}
         p.set_defaults(**merged)
     else:
         lists = {}
@@ -945,8 +1284,58 @@ def _victim_ref(args, names):
     return next((n for n in names if n.lower() == "victim"), None)
 
 
+def _bar_args(args):
+    """(--bar-asr, --bar-ca-drop) or None when neither is given."""
+    if args.bar_asr is not None and not 0.0 <= args.bar_asr <= 100.0:
+        raise UserError(f"--bar-asr {args.bar_asr:g} must be a percentage in [0, 100].")
+    if args.bar_ca_drop is not None and not math.isfinite(args.bar_ca_drop):
+        raise UserError(f"--bar-ca-drop {args.bar_ca_drop} must be a number of points.")
+    bar = (args.bar_asr, args.bar_ca_drop)
+    return bar if _bar_active(bar) else None
+
+
+def run_aggregate(args) -> dict:
+    """--aggregate: mean ± std over report.json files; no model is loaded."""
+    t0 = time.time()
+    if not args.report:
+        raise UserError("--aggregate needs --report DIR to write the mean ± std report into.")
+    if args.ckpt:
+        raise UserError("--aggregate evaluates no checkpoint: drop --ckpt (it reads report.json files only).")
+    if args.timings:
+        raise UserError("--timings applies to evaluation runs; --aggregate takes the minutes from the report.json "
+                        "files.")
+    paths = []
+    for path in args.aggregate:
+        p = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+        if not p.is_file():
+            raise UserError(f"--aggregate {path} does not exist; pass report.json files written by --report.")
+        paths.append(str(p))
+    bar = _bar_args(args)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch: one writer
+        return {}
+    rep = write_aggregate(args.report, paths, bar=bar, clean=args.clean)
+    print(rep["table"])
+    print(f"eval_zeroshot: mean ± std over {rep['n_seeds']} report(s), {time.time() - t0:.1f} s; wrote "
+          f"{args.report}", file=sys.stderr)
+    return rep
+
+
+def _minutes(args, names, ckpts):
+    """name -> training minutes: each run directory's summary.json, overridden by --timings."""
+    minutes = {name: read_minutes(c) for name, c in zip(names, ckpts)}
+    if args.timings:
+        timings = read_timings(args.timings)
+        unknown = [k for k in timings if k not in minutes]
+        if unknown:
+            print(f"[eval] --timings {args.timings}: no row named {', '.join(unknown)}; ignored.", file=sys.stderr)
+        minutes.update({k: v for k, v in timings.items() if k in minutes})
+    return minutes
+
+
 def run(args) -> dict:
     """The CLI: evaluate every checkpoint, print the table, write --json / --report / examples."""
+    if args.aggregate:
+        return run_aggregate(args)
     from accelerate import Accelerator
 
     t0 = time.time()
@@ -964,6 +1353,16 @@ def run(args) -> dict:
     templates = get_templates(args.templates)
     plans = _plan_backdoor(args, resolved, parse_trigger_params(args.trigger_param))
     victim = _victim_ref(args, names)
+    bar = _bar_args(args)
+    if bar is not None and bar[1] is not None and victim is None:
+        raise UserError("--bar-ca-drop needs a victim: a checkpoint named 'victim', --victim NAME or "
+                        "--victim METRICS.json.")
+    for c in args.clean or []:
+        if c not in names:
+            raise UserError(f"--clean {c} is not among the checkpoint names ({', '.join(names)}).")
+        if c == victim:
+            raise UserError(f"--clean {c} is the victim; name the clean reference run instead.")
+    minutes = _minutes(args, names, ckpts)
     classnames_arg = args.classnames
     if classnames_arg is not None and not os.path.isfile(classnames_arg):
         raise UserError(f"--classnames {classnames_arg} does not exist; pass a file with one class name per line.")
@@ -1016,8 +1415,11 @@ def run(args) -> dict:
             print(f"[eval] {name}: {summary_line(m)}", file=sys.stderr)
         del model
     if main_proc:
-        rows = report_rows(results, victim)
-        print(format_table(rows))
+        rows = report_rows(results, victim, minutes=minutes, clean=args.clean, bar=bar)
+        if not args.report:  # with --report the report.md table is printed at the end
+            print(format_table(rows, bar))
+            if bar is not None:
+                print(bar_sentence(rows, bar))
         for name, m in results.items():
             r = m.get("retrieval")
             if r:
@@ -1031,13 +1433,15 @@ def run(args) -> dict:
         if args.report:
             first = next(iter(results.values()))
             bd = first.get("backdoor") or {}
-            write_report(args.report, results, victim, info={
+            rep = write_report(args.report, results, victim, minutes=minutes, clean=args.clean, bar=bar, info={
                 "dataset": first["dataset"], "templates": len(templates), "trigger": bd.get("trigger"),
                 "target": bd.get("target"), "n": first["clean"]["n"]})
         outs = [p for p in (args.json, args.report) if p] + example_paths
         print(f"eval_zeroshot: {len(results)} checkpoint(s), {next(iter(results.values()))['clean']['n']} test "
               f"images each, {time.time() - t0:.1f} s" + (f"; wrote {', '.join(outs)}" if outs else ""),
               file=sys.stderr)
+        if args.report:
+            print(rep["table"])  # the report.md table (with total minutes and the bar sentence), last
     accelerator.wait_for_everyone()
     return results
 

@@ -584,3 +584,123 @@ def test_tiny_declip_smoke():
     for v in (m["clean"]["top1"], m["clean"]["top5"], m["backdoor"]["asr"], m["backdoor"]["ra"]):
         assert 0.0 <= v <= 100.0
     assert m["clean"]["top5"] >= m["clean"]["top1"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report extras: training minutes, the bar, several seeds (canned evaluations: no model runs)
+
+CANNED = {"clean": (92.0, 1.0), "victim": (90.0, 96.0), "ft": (88.5, 8.0), "nad": (80.0, 5.0)}  # CA top-1, ASR
+
+
+def canned_metrics(name):
+    ca, asr = CANNED[name]
+    return {"templates": 1, "clean": {"top1": ca, "top5": 99.0, "n": 100},
+            "backdoor": {"trigger": "patch", "trigger_params": {}, "target": "class2", "asr": asr, "asr_all": asr,
+                         "ra": 100.0 - asr, "n": 100, "n_nontarget": 90}}
+
+
+@pytest.fixture
+def canned_cli(tmp_path, monkeypatch):
+    """Run directories clean / victim / ft / nad whose evaluation returns CANNED numbers."""
+    dirs = {}
+    for name in CANNED:
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"fake")
+        dirs[name] = d
+
+    class Named(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.config = name, SimpleNamespace(image_size=8)
+
+    monkeypatch.setattr(ez, "_load_model", lambda path, **kw: Named(Path(path).parent.name))
+    monkeypatch.setattr(ez, "_build_class_dataset", lambda data, size, cn: (intensity_dataset(1, size=8),
+                                                                           list(CLASSES)))
+    monkeypatch.setattr(ez, "class_embeddings", lambda *a, **kw: torch.zeros(10, 4))
+    monkeypatch.setattr(ez, "evaluate", lambda model, *a, **kw: canned_metrics(model.name))
+    return dirs
+
+
+def test_report_minutes_from_summary_json_and_timings_and_the_bar_met(canned_cli, tmp_path, capsys):
+    dirs = canned_cli
+    (dirs["clean"] / "summary.json").write_text(json.dumps({"steps": 9, "minutes": 30.0}))
+    (dirs["victim"] / "summary.json").write_text(json.dumps({"steps": 9, "minutes": 12.5}))
+    (dirs["ft"] / "summary.json").write_text(json.dumps({"minutes": 3.25, "before": {}, "after": {}}))
+    (tmp_path / "t.json").write_text(json.dumps({"clean": 20.0}))  # overrides clean's summary.json
+    rep = tmp_path / "rep"
+    argv = ["--ckpt", str(dirs["clean"]), str(dirs["victim"]), str(dirs["ft"] / "model.safetensors"),
+            str(dirs["nad"]), "--trigger", "patch", "--target-class", "class2", "--templates", "1",
+            "--timings", str(tmp_path / "t.json"), "--bar-asr", "10", "--bar-ca-drop", "3", "--report", str(rep)]
+    assert ez.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {r["method"]: r for r in json.loads((rep / "report.json").read_text())["rows"]}
+    assert {k: r["minutes"] for k, r in rows.items()} == {"clean": 20.0, "victim": 12.5, "ft": 3.25, "nad": None}
+    assert rows["clean"]["der"] is None and rows["clean"]["meets_bar"] is None  # the clean reference
+    assert rows["victim"]["meets_bar"] is None and rows["ft"]["der"] == pytest.approx((88 - 1.5 + 100) / 2)
+    assert rows["ft"]["meets_bar"] is True and rows["nad"]["meets_bar"] is False  # nad: CA drop 10
+    md = (rep / "report.md").read_text()
+    assert "| DER (%) | train min | meets bar |" in md
+    assert "| ft | 88.50 | 99.00 | 8.00 | 8.00 | 92.00 | 93.25 | 3.25 | yes |" in md
+    assert "| nad | 80.00 |" in md and "| 95.00 | 90.50 | – | no |" in md and "| clean | 92.00 |" in md
+    assert "| 1.00 | 99.00 | – | 20.00 | – |" in md  # clean: no DER, no bar
+    assert "Total training time: 35.75 min over 3 of 4 rows" in md
+    sentence = ("1 of 2 defenses meets the bar (ASR ≤ 10%, CA drop ≤ 3 points): ft (ASR 8.00%, "
+                "CA drop 1.50 points).")
+    assert md.rstrip().splitlines()[-1] == sentence
+    assert sentence in out and "| ft | 88.50 |" in out and "35.75" in out  # the md table on stdout
+
+
+def test_report_says_plainly_when_no_defense_meets_the_bar(tmp_path):
+    results = {name: canned_metrics(name) for name in CANNED}
+    results["ft"]["backdoor"]["asr"] = 12.0  # ASR 12 > 10; nad loses 10 points of CA
+    rep = ez.write_report(tmp_path, results, "victim", bar=(10.0, 3.0), minutes={"ft": 2.0})
+    md = (tmp_path / "report.md").read_text()
+    assert md.rstrip().splitlines()[-1] == "No defense meets the bar (ASR ≤ 10%, CA drop ≤ 3 points)."
+    assert rep["bar"]["meets"] == [] and "Total training time: 2.00 min over 1 of 4 rows" in md
+    # only the ASR part of the bar: nad (ASR 5) meets it
+    ez.write_report(tmp_path, results, "victim", bar=(10.0, None))
+    assert (tmp_path / "report.md").read_text().rstrip().endswith(
+        "1 of 2 defenses meets the bar (ASR ≤ 10%): nad (ASR 5.00%).")
+
+
+def _seed_report(path, victim, ft, minutes):
+    rows = [{"method": "victim", "role": "victim", "ca_top1": victim[0], "asr": victim[1], "der": None,
+             "minutes": minutes[0]},
+            {"method": "ft", "role": "defense", "ca_top1": ft[0], "asr": ft[1], "der": ft[2], "minutes": minutes[1]}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"victim": "victim", "trigger": "patch", "rows": rows}))
+    return str(path)
+
+
+def test_aggregate_gives_mean_and_sample_std_and_writes_three_files(tmp_path, capsys):
+    a = _seed_report(tmp_path / "seed0" / "report.json", (90.0, 96.0), (88.0, 8.0, 93.0), (10.0, 3.0))
+    b = _seed_report(tmp_path / "seed1" / "report.json", (92.0, 100.0), (87.0, 12.0, 91.5), (12.0, 5.0))
+    out_dir = tmp_path / "all"
+    assert ez.main(["--aggregate", a, b, "--report", str(out_dir), "--bar-asr", "10", "--bar-ca-drop", "3"]) == 0
+    rep = json.loads((out_dir / "report.json").read_text())
+    assert rep["n_seeds"] == 2
+    ft = {r["method"]: r for r in rep["rows"]}["ft"]
+    # by hand: mean of (8, 12) = 10, sample std sqrt(((8-10)^2 + (12-10)^2) / 1) = sqrt(8)
+    assert ft["asr"] == pytest.approx(10.0) and ft["asr_std"] == pytest.approx(8 ** 0.5)
+    assert ft["ca_top1"] == pytest.approx(87.5) and ft["ca_top1_std"] == pytest.approx(0.5 ** 0.5)
+    assert ft["der"] == pytest.approx(92.25) and ft["der_std"] == pytest.approx(1.125 ** 0.5)
+    assert ft["ca_drop"] == pytest.approx(3.5) and ft["seeds"] == 2  # drops 2 and 5
+    assert ft["meets_bar"] is False and ft["meets_bar_seeds"] == [1, 2]  # seed 0 alone meets it
+    assert rep["total_minutes"]["mean"] == pytest.approx(15.0) and rep["total_minutes"]["std"] == pytest.approx(
+        8 ** 0.5)
+    md = (out_dir / "report.md").read_text()
+    assert "| ft | 87.50 ± 0.71 | – | 10.00 ± 2.83 | – | – | 92.25 ± 1.06 | 4.00 ± 1.41 | no (1/2 seeds) | 2 |" in md
+    assert "| victim | 91.00 ± 1.41 |" in md and "15.00 ± 2.83 min" in md
+    assert md.rstrip().splitlines()[-1] == \
+        "On the mean over 2 seeds, no defense meets the bar (ASR ≤ 10%, CA drop ≤ 3 points)."
+    png = (out_dir / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "| ft | 87.50 ± 0.71 |" in capsys.readouterr().out
+    # one file: just the mean; differing method names: a one-line user error
+    assert ez.main(["--aggregate", a, "--report", str(tmp_path / "one")]) == 0
+    assert "| ft | 88.00 | – | 8.00 | – | – | 93.00 | 3.00 | 1 |" in (tmp_path / "one" / "report.md").read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"victim": "victim", "rows": [{"method": "victim", "ca_top1": 1.0}]}))
+    assert ez.main(["--aggregate", a, str(bad), "--report", str(tmp_path / "x")]) == 2
+    assert "--aggregate" in capsys.readouterr().err and not (tmp_path / "x").exists()
