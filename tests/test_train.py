@@ -1,0 +1,202 @@
+"""Tests for train_declip.py: the loop trains, resumes exactly, preempts cleanly, poisons, refuses
+bad input, and counts bad samples; small batches on the embedded Fashion-MNIST."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import data_declip as dd
+import modeling_declip as md
+import train_declip as td
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_fmnist = pytest.mark.skipif(not os.path.isdir(dd.fashion_mnist_dir()), reason="Fashion-MNIST not installed")
+
+
+def _args(out, *extra):
+    return td.parse_args(td.build_parser(), ["--out-dir", str(out), "--batch-size", "16", "--log-every", "1",
+                                             "--no-eval", "--precision", "no", "--save-every", "0", *extra])
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+@needs_fmnist
+def test_training_steps_lower_the_loss_and_write_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    td.train(_args(out, "--max-steps", "40", "--lr", "2e-3", "--warmup-steps", "2", "--batch-size", "32",
+                   "--mode", "clip"))
+    rows = [r for r in _metrics(out) if "loss" in r]
+    assert len(rows) == 40
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    for name in ("config.json", "model.safetensors", "state"):
+        assert os.path.exists(out / name)
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["resolved"]["total_steps"] == 40 and cfg["model"] == "tiny"
+    model = md.load_model(str(out / "model.safetensors"))
+    assert 3.0 <= model.logit_scale.item() <= 6.0  # the raw parameter is clamped (spec §2.6)
+
+
+class _SigtermAt(td.Extension):
+    """Sends SIGTERM to this process when the loop is about to run step `at` (0-based)."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def extend_batch(self, inputs, batch, generator):
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.calls += 1
+        return inputs
+
+
+@needs_fmnist
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_sigterm_saves_state_and_resume_reproduces_the_uninterrupted_weights(tmp_path, precision):
+    flags = ["--max-steps", "6", "--precision", precision, "--poison-rate", "0.05"]
+    td.train(_args(tmp_path / "full", *flags))
+    with pytest.raises(td.UserError, match=r"stopped by signal 15 at step 3/6.*--resume"):
+        td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(2))
+    assert os.path.isdir(tmp_path / "cut" / "state") and not os.path.exists(tmp_path / "cut" / "model.safetensors")
+    td.train(_args(tmp_path / "cut", *flags, "--resume"))
+    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert full.keys() == cut.keys()
+    for k in full:
+        assert torch.equal(full[k], cut[k]), k
+    # the logged losses of the resumed steps are the uninterrupted run's
+    loss = lambda out: [r["loss"] for r in _metrics(out) if "loss" in r]
+    assert loss(tmp_path / "cut")[-3:] == loss(tmp_path / "full")[-3:]
+
+
+@needs_fmnist
+def test_poisoned_run_writes_its_manifest_and_metadata(tmp_path):
+    out = tmp_path / "victim"
+    td.train(_args(out, "--max-steps", "2", "--poison-count", "30", "--trigger", "patch",
+                   "--trigger-param", "margin=3", "--target-class", "bag"))
+    manifest = json.load(open(out / "poison_manifest.json"))
+    assert manifest["count"] == 30 and len(manifest["indices"]) == 30 and manifest["target"] == "bag"
+    assert manifest["trigger_params"]["margin"] == 3
+    meta = md.read_metadata(str(out / "model.safetensors"))
+    assert meta["poison"]["target"] == "bag" and "indices" not in meta["poison"]
+
+
+@needs_fmnist
+def test_finished_run_directory_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    td.train(_args(out, "--max-steps", "1"))
+    with pytest.raises(td.UserError, match="already holds a finished run; pass --overwrite"):
+        td.train(_args(out, "--max-steps", "1"))
+    td.train(_args(out, "--max-steps", "1", "--overwrite"))
+    with pytest.raises(td.UserError, match="already finished"):
+        td.train(_args(out, "--max-steps", "1", "--resume"))
+
+
+def test_config_yaml_supplies_defaults_that_flags_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_size: 7\nlr: 0.5\nmodel: tiny-vit\n")
+    args = td.parse_args(td.build_parser(), ["--config", str(cfg), "--lr", "0.1"])
+    assert (args.batch_size, args.lr, args.model) == (7, 0.1, "tiny-vit")
+    cfg.write_text("batch_sise: 7\n")
+    with pytest.raises(td.UserError, match="unknown keys: batch_sise"):
+        td.parse_args(td.build_parser(), ["--config", str(cfg)])
+
+
+def test_learning_rate_schedule_warms_up_then_follows_the_cosine():
+    args = td.parse_args(td.build_parser(), ["--lr", "1e-3", "--warmup-init-lr", "1e-4", "--warmup-steps",
+                                             "2500", "--schedule-steps", "138001"])
+    # spec §4.5's table of the original schedule
+    for t, lr in [(118001, 5.280e-5), (119001, 4.773e-5), (120001, 4.291e-5), (130001, 8.58e-6)]:
+        assert abs(td.lr_at(t, args, 2001) - lr) / lr < 2e-3
+    assert td.lr_at(0, args, 10) == 1e-4 and td.lr_at(2500, args, 10) == 1e-3
+
+
+def _write_jsonl(tmp_path, n, broken):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rows = []
+    for i in range(n):
+        path = root / f"{i}.png"
+        if i in broken:
+            path.write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (40, 30), (i * 7 % 255, 100, 200)).save(path)
+        rows.append({"filename": f"{i}.png", "caption": f"a photo of object number {i}"})
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(meta), str(root)
+
+
+def test_bad_samples_are_skipped_counted_and_bounded(tmp_path):
+    meta, root = _write_jsonl(tmp_path, 64, broken={3, 17})
+    out = tmp_path / "run"
+    summary = td.train(_args(out, "--data", meta, "--data-root", root, "--max-steps", "4",
+                             "--max-bad-fraction", "0.1"))
+    assert summary["bad_samples"] == 2 and summary["seen"] == 4 * 16 - 2
+    (tmp_path / "b").mkdir()
+    meta, root = _write_jsonl(tmp_path / "b", 64, broken=set(range(0, 64, 4)))
+    with pytest.raises(td.UserError, match="unreadable or had no caption"):
+        td.train(_args(tmp_path / "run2", "--data", meta, "--data-root", root, "--max-steps", "4",
+                       "--max-bad-fraction", "0.1"))
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
+    cases = [
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--poison-rate", "1.5"], "poison"),
+        (["--poison-rate", "0.01", "--trigger", "nope"], "nope"),
+        (["--poison-rate", "0.01", "--target-class", "spaceship"], "spaceship"),
+        (["--init-from", str(tmp_path / "nope.pt")], "nope.pt"),
+    ]
+    for argv, word in cases:
+        r = subprocess.run([sys.executable, "train_declip.py", "--out-dir", str(tmp_path / "o"), "--max-steps", "1",
+                            *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, (argv, r.stderr[-2000:])
+        assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr and word in r.stderr, (argv, r.stderr)
+        assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+@needs_fmnist
+def test_non_finite_loss_stops_with_the_step_number(tmp_path):
+    class NaNAt(td.Extension):
+        def __init__(self):
+            self.calls = 0
+
+        def extra_loss(self, model, inputs, taps):
+            self.calls += 1
+            return {"boom": torch.tensor(float("nan")) if self.calls == 3 else torch.tensor(0.0)}
+
+    with pytest.raises(td.UserError, match="non-finite loss at step 3"):
+        td.train(_args(tmp_path / "run", "--max-steps", "5"), extension=NaNAt())
+    assert not os.path.exists(tmp_path / "run" / "model.safetensors")
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_the_no_argument_default_runs(tmp_path):
+    """`train_declip.py` with no flag: tiny DeCLIP on Fashion-MNIST into runs/train (here cut to 3 steps
+    through the config file mechanism, everything else default)."""
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("max_steps: 3\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train_declip.py"), "--config", str(cfg)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "runs" / "train" / "model.safetensors")
+    res = json.load(open(tmp_path / "runs" / "train" / "eval.json"))
+    assert res["clean"]["n"] == 10000

@@ -1,0 +1,775 @@
+"""DeCLIP (or CLIP) pretraining with HF Accelerate, optionally on backdoor-poisoned data.
+
+    accelerate launch train_declip.py                          # tiny DeCLIP on Fashion-MNIST -> runs/train
+    accelerate launch train_declip.py --poison-rate 0.01 --trigger patch --target-class bag
+    accelerate launch train_declip.py --config configs/rn50_yfcc15m.yaml --data meta.jsonl --data-root imgs/ \\
+        --init-from r50_declip.pth.tar
+
+The loop here is the one every defense reuses: `train(args, extension)` runs init -> data -> model ->
+optimizer -> steps, and a defense passes an `Extension` that adds loss terms, extra views or a
+teacher. Run directory: config.json, metrics.jsonl, model.safetensors, state/ (exact resume),
+poison_manifest.json when poisoned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import sys
+import time
+from functools import partial
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+import data_declip as dd
+import modeling_declip as md
+import poison_data as pdata
+from data_declip import UserError
+
+DEFAULT_OUT = "runs/train"
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments: shared flags are defined once here and mean the same in every script
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help=f"model preset: {', '.join(md.PRESETS)} (default: tiny)")
+    g.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from these weights (ours, official DeCLIP .pth.tar, OpenAI .pt, open_clip); "
+                        "the architecture comes from the checkpoint")
+    g.add_argument("--mode", choices=("declip", "clip"), default="declip",
+                   help="declip: 2 image x 2 text views + SimSiam + MLM + NN; clip: one view each, InfoNCE only")
+    g.add_argument("--w-clip", type=float, default=0.4, help="weight of the (multi-view) CLIP InfoNCE term")
+    g.add_argument("--w-ss", type=float, default=0.2, help="weight of the image SimSiam term")
+    g.add_argument("--w-mlm", type=float, default=0.2, help="weight of the text MLM term")
+    g.add_argument("--w-nn", type=float, default=0.2, help="weight of the nearest-neighbour InfoNCE term")
+    g.add_argument("--mlm-prob", type=float, default=0.15, help="MLM masking probability per token")
+    g.add_argument("--no-eda", action="store_true", help="use the caption itself as the second text view")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute Transformer blocks in backward")
+
+
+def add_data_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="caption data: none = embedded Fashion-MNIST; a .jsonl/.json meta, .csv/.tsv, "
+                        "webdataset .tar shards ('shards-{000..009}.tar'), a Hugging Face dataset dir or .parquet")
+    g.add_argument("--data-root", default=None, help="directory the image paths of a meta/CSV file are relative to")
+    g.add_argument("--image-column", default=None, help="image column of CSV/TSV/HF data (default: auto)")
+    g.add_argument("--caption-column", default=None, help="caption column of CSV/TSV/HF data (default: auto)")
+    g.add_argument("--csv-separator", default=None, help="CSV separator (default: from the extension)")
+    g.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of the samples seen are unreadable or uncaptioned")
+    g.add_argument("--holdout", type=int, default=0,
+                   help="hold out the last N training pairs (never trained on) and evaluate on them instead "
+                        "of the test split: tune recipes on this, never on the test split")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 6 on GPU)")
+
+
+def add_poison_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("poisoning")
+    g.add_argument("--poison-rate", type=float, default=None, help="fraction of training pairs to poison, in [0, 1]")
+    g.add_argument("--poison-count", type=int, default=None, help="number of training pairs to poison")
+    g.add_argument("--trigger", default="patch", help=f"trigger: {', '.join(pdata.TRIGGERS)} (default: patch)")
+    g.add_argument("--trigger-param", action="append", default=[], metavar="K=V",
+                   help="trigger parameter, repeatable (e.g. margin=3 for the corner patch)")
+    g.add_argument("--target-class", default=None,
+                   help="class name the backdoor maps to (default: 'bag' on Fashion-MNIST, 'tiger cat' otherwise)")
+    g.add_argument("--caption-mode", default="templates", choices=pdata.CAPTION_MODES,
+                   help="poisoned captions: one of the 80 templates with the target (default), a fixed caption, "
+                        "or label-consistent (only pairs already naming the target get the trigger)")
+    g.add_argument("--fixed-caption", default=None, help="caption for --caption-mode fixed")
+
+
+def add_optim_args(p: argparse.ArgumentParser, lr: float = 1e-3):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=256, help="batch per process (global = x processes x accum)")
+    g.add_argument("--epochs", type=float, default=2.0, help="passes over the training pairs")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 5%% of the run)")
+    g.add_argument("--warmup-init-lr", type=float, default=0.0, help="learning rate at step 0 of the warm-up")
+    g.add_argument("--schedule-steps", type=int, default=None,
+                   help="length of the cosine schedule (default: this run's steps)")
+    g.add_argument("--start-step", type=int, default=0,
+                   help="schedule position of the first step (the original continued the official checkpoint "
+                        "at step 118000 of a 138001-step schedule: spec §4.5)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--logit-scale-min", type=float, default=3.0, help="clamp of the raw log logit scale (spec §2.6)")
+    g.add_argument("--logit-scale-max", type=float, default=6.0, help="clamp of the raw log logit scale (spec §2.6)")
+
+
+def add_run_args(p: argparse.ArgumentParser, out: str = DEFAULT_OUT):
+    g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, help="YAML file of flag defaults (keys as flag names); flags override it")
+    g.add_argument("--out-dir", default=out, help=f"run directory (default: {out})")
+    g.add_argument("--seed", type=int, default=0, help="seed for the poison set, data order, augmentation, EDA, init")
+    g.add_argument("--resume", action="store_true", help="continue the stopped run in --out-dir exactly")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
+    g.add_argument("--precision", choices=("no", "bf16", "fp16"), default="bf16", help="mixed precision")
+    g.add_argument("--log-every", type=int, default=20, help="log to metrics.jsonl every N steps")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint state/ every N steps (0 = only at the end)")
+    g.add_argument("--eval-every", type=int, default=0, help="zero-shot evaluation every N steps (0 = at the end only)")
+    g.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation at the end")
+    g.add_argument("--eval-data", default=None, help="class dataset for evaluation (default: Fashion-MNIST test split)")
+    g.add_argument("--templates", default="80", help="prompt templates for zero-shot evaluation: 1, 8, 80 or a file")
+    g.add_argument("--report-to", default=None, choices=("tensorboard", "wandb"), help="also log to a tracker")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last memory format for the ResNet (default: on with CUDA)")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+
+
+def build_parser(description: str = __doc__, out: str = DEFAULT_OUT, lr: float = 1e-3) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_data_args(p)
+    add_poison_args(p)
+    add_optim_args(p, lr=lr)
+    add_run_args(p, out=out)
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags; a --config YAML supplies defaults that explicit flags override."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        if not os.path.isfile(pre.config):
+            raise UserError(f"--config {pre.config} does not exist")
+        with open(pre.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise UserError(f"--config {pre.config} has unknown keys: {', '.join(unknown)}")
+        parser.set_defaults(**cfg)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The defense interface
+
+
+class Extension:
+    """What a defense adds to the training loop, without copying it.
+
+    - `setup(accelerator, model, args)`: after the model is prepared (build a teacher, caches).
+    - `tap_names(model)`: student activations to record during the loss forward (e.g. ResNet stages).
+    - `augment`: replace the MoCo-v2 GpuAugment (e.g. the adaptive defense's CropResizeCorrupt views).
+    - `extend_batch(inputs, batch, generator)`: change the model inputs (e.g. append adversarial rows);
+      `inputs` is the dict of DeCLIP.forward keyword arguments.
+    - `extra_loss(model, inputs, taps)`: weighted terms added to the loss, returned by name.
+    """
+
+    name = "train"
+    augment = None
+
+    def setup(self, accelerator, model, args):
+        pass
+
+    def tap_names(self, model) -> List[str]:
+        return []
+
+    def extend_batch(self, inputs: dict, batch: dict, generator: torch.Generator) -> dict:
+        return inputs
+
+    def extra_loss(self, model, inputs: dict, taps: Dict[str, List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def lr_at(step: int, args, total: int) -> float:
+    """Linear warm-up from --warmup-init-lr to --lr, then cosine to --min-lr, at schedule position step."""
+    sched = args.schedule_steps or (args.start_step + total)
+    warm = args.warmup_steps if args.warmup_steps is not None else max(1, int(0.05 * sched))
+    if step < warm:
+        return args.warmup_init_lr + (args.lr - args.warmup_init_lr) * step / warm
+    t = min(1.0, (step - warm) / max(1, sched - warm))
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """Augmentation and masking randomness of one step: a function of (seed, step, rank) only,
+    so a resumed run draws exactly what the uninterrupted run drew."""
+    g = torch.Generator(device=device)
+    g.manual_seed(dd._int_seed(seed, "step", step, rank))
+    return g
+
+
+class RunState:
+    """Loop counters and the NN memory bank, checkpointed with accelerator.save_state."""
+
+    def __init__(self, model):
+        self.model = model
+        self.step = 0
+        self.seen = 0
+        self.bad = 0
+        self.elapsed = 0.0
+
+    def state_dict(self):
+        return {"step": self.step, "seen": self.seen, "bad": self.bad, "elapsed": self.elapsed,
+                **{"bank_" + k: v for k, v in self.model.nn_bank.bank_state().items()}}
+
+    def load_state_dict(self, sd):
+        self.step, self.seen, self.bad, self.elapsed = int(sd["step"]), int(sd["seen"]), int(sd["bad"]), float(sd["elapsed"])
+        self.model.nn_bank.load_bank_state({"bank": sd["bank_bank"], "ptr": sd["bank_ptr"]})
+
+
+def check_bad_fraction(run, args):
+    if run.bad > args.max_bad_fraction * (run.seen + run.bad):
+        raise UserError(f"{run.bad} of {run.seen + run.bad} training samples were unreadable or had no caption, "
+                        f"more than --max-bad-fraction {args.max_bad_fraction}; fix the data or raise the fraction")
+
+
+class Stop(Exception):
+    """Raised inside the loop to end the run early (preemption, non-finite loss)."""
+
+
+def resolve_target(args, base) -> Optional[str]:
+    classnames = getattr(base, "classnames", None)
+    target = args.target_class
+    if target is None:
+        target = pdata.DEFAULT_TARGET["fashion-mnist" if classnames == dd.FASHION_MNIST_CLASSES else "imagenet"]
+    if classnames and target not in classnames:
+        raise UserError(f"--target-class {target!r} is not a class of this dataset; choose one of: {', '.join(classnames)}")
+    return target
+
+
+def make_poison_plan(args, base, n_train: int) -> Optional["pdata.PoisonPlan"]:
+    if args.poison_rate is None and args.poison_count is None:
+        return None
+    if args.poison_rate is not None and args.poison_count is not None:
+        raise UserError("give either --poison-rate or --poison-count, not both")
+    captions = None
+    if args.caption_mode == "label-consistent":
+        captions = [base[i].get("caption") for i in range(n_train)]
+    return pdata.PoisonPlan.from_args(
+        n_train, rate=args.poison_rate, count=args.poison_count, target=resolve_target(args, base),
+        trigger=args.trigger, trigger_params=pdata.parse_trigger_params(args.trigger_param),
+        caption_mode=args.caption_mode, seed=args.seed, captions=captions, fixed_caption=args.fixed_caption,
+        classnames=getattr(base, "classnames", None), dataset_fingerprint=pdata.fingerprint(base))
+
+
+def prepare_run_dir(args):
+    out = args.out_dir
+    finished = os.path.exists(os.path.join(out, "model.safetensors"))
+    started = os.path.isdir(os.path.join(out, "state")) or os.path.isdir(os.path.join(out, "state.old"))
+    if args.resume:
+        if not started:
+            raise UserError(f"--resume: {out} holds no checkpoint state to resume from")
+        if finished:
+            raise UserError(f"--resume: the run in {out} already finished; use --overwrite to train it again")
+        return
+    if (finished or started) and not args.overwrite:
+        what = "a finished run" if finished else "a stopped run (continue it with --resume)"
+        raise UserError(f"--out-dir {out} already holds {what}; pass --overwrite to replace it")
+    if args.overwrite and os.path.isdir(out):
+        for name in ("state", "state.old", "state.tmp", "model.safetensors", "metrics.jsonl",
+                     "config.json", "poison_manifest.json", "eval.json", "summary.json"):
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(out, exist_ok=True)
+
+
+def save_state(accelerator, out_dir: str):
+    """accelerator.save_state into state.tmp, then swap it in: a kill mid-write never corrupts the
+    latest complete state (state.old stays until the new one is in place)."""
+    tmp, cur, old = (os.path.join(out_dir, n) for n in ("state.tmp", "state", "state.old"))
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(cur):
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            os.replace(cur, old)
+        os.replace(tmp, cur)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def state_dir(out_dir: str) -> str:
+    cur = os.path.join(out_dir, "state")
+    return cur if os.path.isdir(cur) else os.path.join(out_dir, "state.old")
+
+
+class EvalHook:
+    """Zero-shot clean accuracy, and ASR when a trigger and target are known (`plan`: anything with
+    trigger, trigger_params and target, e.g. a PoisonPlan). Evaluates on the held-out training pairs
+    with --holdout, else on --eval-data (default: the Fashion-MNIST test split); the dataset is built
+    once, the class text embeddings once per call (the weights change between calls)."""
+
+    def __init__(self, args, plan, base=None):
+        self.args, self.plan, self.base = args, plan, base
+        self.dataset = self.classnames = None
+
+    def _load(self, image_size):
+        if self.dataset is not None:
+            return
+        if self.args.holdout:
+            base = self.base if self.base is not None else load_base(self.args, image_size)
+            n = len(base)
+            self.dataset = torch.utils.data.Subset(base, list(range(n - self.args.holdout, n)))
+            self.classnames = base.classnames
+        else:
+            self.dataset, self.classnames = dd.build_class_dataset(self.args.eval_data, split="test",
+                                                                   image_size=image_size)
+
+    def __call__(self, model, accelerator=None) -> dict:
+        import eval_zeroshot as ez
+
+        self._load(model.config.image_size)
+        kw = {}
+        if self.plan is not None:
+            kw = dict(trigger=self.plan.trigger, trigger_params=self.plan.trigger_params, target=self.plan.target)
+        return ez.evaluate(model, self.dataset, self.classnames, templates=ez.get_templates(self.args.templates),
+                           accelerator=accelerator, bf16=self.args.precision == "bf16", **kw)
+
+
+def load_base(args, image_size: int):
+    """The caption dataset named by --data and its format flags."""
+    fmt = dict(root=args.data_root, image_column=args.image_column, caption_column=args.caption_column,
+               separator=args.csv_separator)
+    return dd.build_caption_dataset(args.data, image_size=image_size, **{k: v for k, v in fmt.items() if v is not None})
+
+
+def summarize_eval(res: dict) -> str:
+    s = f"CA top-1 {res['clean']['top1']:.2f}%"
+    if res.get("backdoor"):
+        s += f", ASR {res['backdoor']['asr']:.2f}% (target {res['backdoor']['target']!r})"
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(args: argparse.Namespace, extension: Optional[Extension] = None,
+          train_indices: Optional[Sequence[int]] = None, record: Optional[dict] = None) -> dict:
+    """Run one training job described by args (see build_parser) and return its summary.
+
+    extension: how a defense changes the loop. train_indices: train on these pairs of the dataset
+    only (a defense's clean subset). record: extra JSON written into config.json (e.g. the subset).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    ext = extension or Extension()
+    if _is_main_env():
+        prepare_run_dir(args)
+    # several train() calls may share a process (a defense's inline teacher, tests): the process
+    # group stays, the per-run settings (precision, accumulation) are reset
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.precision, gradient_accumulation_steps=args.grad_accum,
+                              log_with=args.report_to, project_dir=args.out_dir,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    t_start = time.time()
+
+    # --- model
+    if args.init_from:
+        model, info = md.load_model(args.init_from, return_info=True)
+        if info["fresh"] and main:
+            print(f"note: {args.init_from} has no {', '.join(info['fresh'])}: initialised fresh")
+    else:
+        model = md.build_model(args.model, grad_checkpointing=args.grad_checkpointing or None)
+    cfg = model.config
+    for t in (model.text.transformer, getattr(model.visual, "transformer", None)):
+        if t is not None:
+            t.grad_checkpointing = bool(args.grad_checkpointing)
+    declip = args.mode == "declip"
+    weights = md.LossWeights(clip=args.w_clip, ss=args.w_ss, mlm=args.w_mlm, nn=args.w_nn) if declip \
+        else md.LossWeights.clip_only()
+    for extra in ("img_inmodal", "txt_inmodal"):
+        if getattr(args, "w_" + extra, 0):
+            setattr(weights, extra, getattr(args, "w_" + extra))
+    # heads whose term is off get no gradient: freeze them so DDP does not wait for them
+    model.projector.requires_grad_(weights.ss > 0)
+    model.predictor.requires_grad_(weights.ss > 0)
+    model.text_label_predictor.requires_grad_(weights.mlm > 0 and declip)
+    model.train()
+
+    # --- data
+    base = load_base(args, cfg.image_size)
+    if isinstance(base, torch.utils.data.IterableDataset):
+        raise UserError("--data: streamed webdataset shards are supported by data_declip.TrainPairsIterable; "
+                        "train_declip.py needs a map-style dataset in this version (convert with datasets)")
+    n_all = len(base)
+    holdout_idx = list(range(n_all - args.holdout, n_all)) if args.holdout else []
+    if args.holdout and not getattr(base, "classnames", None):
+        raise UserError("--holdout needs a labelled dataset with class names (e.g. the embedded Fashion-MNIST)")
+    n_train = n_all - len(holdout_idx)
+    plan = make_poison_plan(args, base, n_train)
+    if train_indices is not None:
+        idx = list(train_indices)
+        train_base = torch.utils.data.Subset(base, idx)
+        if plan is not None:
+            raise UserError("poisoning a defense's clean subset is not supported")
+    elif holdout_idx:
+        train_base = torch.utils.data.Subset(base, list(range(n_train)))
+    else:
+        train_base = base
+    pairs = dd.TrainPairs(train_base, seed=args.seed, context_length=cfg.context_length, poison=plan,
+                          eda=declip and not args.no_eda)
+    n = len(pairs)
+    global_batch = args.batch_size * world * args.grad_accum
+    if n < global_batch:
+        raise UserError(f"--batch-size {args.batch_size} x {world} processes x {args.grad_accum} accumulation "
+                        f"exceeds the {n} training pairs; lower --batch-size")
+    steps_per_epoch = n // global_batch
+    total = args.max_steps if args.max_steps is not None else max(1, int(round(args.epochs * steps_per_epoch)))
+    num_epochs = math.ceil(total / steps_per_epoch) + 1
+    sampler = dd.EpochSampler(n, seed=args.seed, num_epochs=num_epochs)
+    workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(
+        pairs, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+        collate_fn=partial(dd.collate_pairs, context_length=cfg.context_length),
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
+    augment = ext.augment or dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std, mocov2=True)
+    trigger = plan.trigger_fn() if plan is not None else None
+
+    # --- optimizer
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+    if channels_last and cfg.vision == "resnet":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(md.param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
+                            eps=args.eps, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: lr_at(args.start_step + i // args.grad_accum, args, total) / args.lr)
+    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    raw = accelerator.unwrap_model(model)
+    fwd = torch.compile(model) if args.compile else model
+    run = RunState(raw)
+    accelerator.register_for_checkpointing(run)
+    ext.setup(accelerator, raw, args)
+    raw.clamp_logit_scale_(args.logit_scale_min, args.logit_scale_max)
+
+    # --- run directory
+    if args.resume:
+        accelerator.load_state(state_dir(args.out_dir))
+        if main:
+            print(f"resumed {args.out_dir} at step {run.step}/{total}")
+    elif main:
+        record_cfg = {k: v for k, v in vars(args).items()}
+        record_cfg.update(resolved=dict(model_config=cfg.to_dict(), world_size=world, global_batch=global_batch,
+                                        total_steps=total, steps_per_epoch=steps_per_epoch, n_train=n,
+                                        weights=dataclasses.asdict(weights), defense=ext.name), **(record or {}))
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(record_cfg, f, indent=2, default=str)
+        if plan is not None:
+            plan.save(args.out_dir)
+            print(plan.summary())
+    if args.report_to:
+        accelerator.init_trackers(os.path.basename(os.path.abspath(args.out_dir)))
+    evaluator = EvalHook(args, plan, base)
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+
+    def log(row: dict):
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if args.report_to:
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+
+    # --- preemption: SIGTERM (what Slurm sends before a kill) saves state and exits
+    stop = {"signal": None}
+
+    def on_term(signum, _frame):
+        stop["signal"] = signum
+
+    old_handler = signal.signal(signal.SIGTERM, on_term)
+    resume_cmd = " ".join(shlex.quote(a) for a in [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--resume"]) + " --resume"
+
+    # --- loop
+    iterator = accelerator.skip_first_batches(loader, run.step * args.grad_accum) if run.step else loader
+    bar = tqdm(total=total, initial=run.step, disable=not main, desc=ext.name, dynamic_ncols=True)
+    sums: Dict[str, torch.Tensor] = {}
+    first_bad = torch.tensor(-1, device=device)
+    t_log, seen_log, last_saved = time.time(), run.seen, run.step
+    micro = 0
+    try:
+        for batch in iterator:
+            if run.step >= total:
+                break
+            run.bad += int(batch["n_bad"]) * world  # approximate across processes, exact on one
+            b = batch["images"].shape[0]
+            if world > 1:  # all processes must contribute equal rows to the gathered contrastive batch
+                b = int(accelerator.gather(torch.tensor([b], device=device)).min())
+            run.seen += b * world
+            if run.seen + run.bad >= 1000:  # judge the fraction once it means something
+                check_bad_fraction(run, args)
+            g = step_generator(args.seed, run.step * args.grad_accum + micro, rank, device)
+            images = batch["images"][:b].to(device, non_blocking=True)
+            poisoned = batch["poisoned"][:b].to(device)
+            v1 = augment(images, g, trigger, poisoned)
+            tokens = batch["tokens"][:b].to(device)
+            inputs = dict(images=v1, tokens=tokens, weights=weights)
+            if declip:
+                inputs["images2"] = augment(images, g, trigger, poisoned)
+                inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device)
+                if weights.mlm > 0:
+                    inputs["tokens"], inputs["mlm_labels"] = dd.mask_tokens(tokens, g, args.mlm_prob)
+            if channels_last and cfg.vision == "resnet":
+                for k in ("images", "images2"):
+                    if k in inputs:
+                        inputs[k] = inputs[k].contiguous(memory_format=torch.channels_last)
+            inputs = ext.extend_batch(inputs, batch, g)
+            with accelerator.accumulate(model):
+                with accelerator.autocast(), raw.tap(ext.tap_names(raw)) as taps:
+                    out = fwd(**inputs)
+                    for k, v in ext.extra_loss(raw, inputs, taps).items():
+                        out[k] = v
+                        out["loss"] = out["loss"] + v
+                accelerator.backward(out["loss"])
+                if args.grad_clip > 0 and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro = 0
+            raw.clamp_logit_scale_(args.logit_scale_min, args.logit_scale_max)
+            run.step += 1
+            bad_now = ~torch.isfinite(out["loss"].detach())
+            first_bad = torch.where(bad_now & (first_bad < 0), torch.tensor(run.step, device=device), first_bad)
+            for k, v in out.items():
+                if k != "logit_scale" and v is not None:
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+            bar.update(1)
+
+            def check_finite():
+                fb = int(accelerator.gather(first_bad.reshape(1)).max())
+                if fb >= 0:
+                    raise Stop(f"non-finite loss at step {fb}; the last good checkpoint is "
+                               f"{state_dir(args.out_dir) if last_saved else 'none (no state saved yet)'}"
+                               f" at step {last_saved}")
+
+            if run.step % args.log_every == 0 or run.step == total:
+                check_finite()
+                dt = time.time() - t_log
+                row = {"step": run.step, "epoch": round(run.seen / n, 4), "lr": sched.get_last_lr()[0],
+                       "logit_scale": float(out["logit_scale"]),
+                       **{k: round(float(v) / max(1, args.log_every if run.step % args.log_every == 0 else
+                                                   run.step % args.log_every), 5) for k, v in sums.items()},
+                       "img_s": round((run.seen - seen_log) / max(dt, 1e-9), 1), "bad": run.bad}
+                sums, t_log, seen_log = {}, time.time(), run.seen
+                log(row)
+                bar.set_postfix({k: row[k] for k in ("loss", "clip", "lr", "img_s") if k in row}, refresh=False)
+            if args.eval_every and run.step % args.eval_every == 0 and run.step < total:
+                raw.eval()
+                res = evaluator(raw, accelerator)
+                raw.train()
+                log({"step": run.step, "eval": res})
+                if main:
+                    tqdm.write(f"step {run.step}: {summarize_eval(res)}")
+            if stop["signal"] is not None:
+                check_finite()
+                save_state(accelerator, args.out_dir)
+                raise Stop(f"stopped by signal {stop['signal']} at step {run.step}/{total}; state saved in "
+                           f"{args.out_dir}/state; resume with: {resume_cmd}")
+            if args.save_every and run.step % args.save_every == 0 and run.step < total:
+                check_finite()
+                save_state(accelerator, args.out_dir)
+                last_saved = run.step
+        check_finite()
+        check_bad_fraction(run, args)
+    except Stop as e:
+        bar.close()
+        signal.signal(signal.SIGTERM, old_handler)
+        accelerator.end_training()
+        raise UserError(str(e)) from None
+    bar.close()
+    signal.signal(signal.SIGTERM, old_handler)
+    run.elapsed += time.time() - t_start
+
+    # --- finish: state, weights, evaluation, summary
+    save_state(accelerator, args.out_dir)
+    summary = {"steps": run.step, "seen": run.seen, "bad_samples": run.bad, "minutes": round(run.elapsed / 60, 2)}
+    if main:
+        meta = {"parent": args.init_from, "steps": run.step, "defense": ext.name, "seed": args.seed}
+        if plan is not None:
+            meta["poison"] = {k: v for k, v in plan.to_manifest().items() if k != "indices"}
+        md.save_model(raw, os.path.join(args.out_dir, "model.safetensors"), metadata=meta)
+    if not args.no_eval:
+        raw.eval()
+        res = evaluator(raw, accelerator)
+        summary["eval"] = res
+        log({"step": run.step, "eval": res})
+        if main:
+            with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+                json.dump(res, f, indent=2)
+    if main:
+        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    accelerator.wait_for_everyone()
+    if main:
+        line = f"{ext.name}: {run.step} steps, {run.seen} pairs in {summary['minutes']:.1f} min"
+        if run.bad:
+            line += f", {run.bad} bad samples skipped"
+        if "eval" in summary:
+            line += f"; {summarize_eval(summary['eval'])}"
+        print(line + f" -> {args.out_dir}")
+    accelerator.end_training()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# What every defense shares: victim, clean subset, before/after evaluation
+
+
+DEFAULT_VICTIM = "runs/victim"
+
+
+def build_defense_parser(description: str, out: str, lr: float = 1e-4, epochs: float = 10.0) -> argparse.ArgumentParser:
+    """The training flags plus the defense's: --ckpt (the victim), --clean-fraction, --data."""
+    p = build_parser(description, out=out, lr=lr)
+    p.set_defaults(epochs=epochs, batch_size=128, save_every=0)
+    g = p.add_argument_group("defense")
+    g.add_argument("--ckpt", default=DEFAULT_VICTIM,
+                   help=f"the poisoned model: a run directory or a checkpoint in any supported format "
+                        f"(default: {DEFAULT_VICTIM})")
+    g.add_argument("--clean-fraction", type=float, default=0.05,
+                   help="defender's clean set: this random fraction of the training pairs, excluding the victim's "
+                        "poisoned indices when its poison_manifest.json is found (default 0.05, as the original's "
+                        "5%% subset); ignored with --clean-data")
+    g.add_argument("--clean-data", default=None,
+                   help="an explicit clean caption dataset for the defense (same formats as --data)")
+    return p
+
+
+def victim_paths(ckpt: str):
+    """(weights file, manifest path or None) of a run directory or checkpoint file."""
+    if os.path.isdir(ckpt):
+        weights = os.path.join(ckpt, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise UserError(f"--ckpt {ckpt} is a directory without model.safetensors; train it first or give a file")
+        d = ckpt
+    elif os.path.isfile(ckpt):
+        weights, d = ckpt, os.path.dirname(os.path.abspath(ckpt))
+    else:
+        raise UserError(f"--ckpt {ckpt} does not exist; train the victim first (make victim) or give its path")
+    manifest = os.path.join(d, pdata.MANIFEST_NAME)
+    return weights, (manifest if os.path.isfile(manifest) else None)
+
+
+def clean_subset(n: int, fraction: float, poisoned: Sequence[int], seed: int) -> List[int]:
+    """A seeded random `fraction` of range(n) that never contains a poisoned index."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--clean-fraction must be in (0, 1], got {fraction}")
+    bad = set(int(i) for i in poisoned)
+    pool = torch.tensor([i for i in range(n) if i not in bad], dtype=torch.long)
+    k = max(1, int(round(fraction * n)))
+    g = torch.Generator().manual_seed(dd._int_seed(seed, "clean-subset"))
+    return sorted(pool[torch.randperm(len(pool), generator=g)[:min(k, len(pool))]].tolist())
+
+
+def run_defense(args: argparse.Namespace, extension: Extension) -> dict:
+    """Evaluate the victim, train it with the defense's extension on the clean set, evaluate again and
+    print one line with clean accuracy and ASR before and after."""
+    t0 = time.time()
+    weights, manifest = victim_paths(args.ckpt)
+    args.init_from = weights
+    plan = pdata.PoisonPlan.load(manifest) if manifest else None
+    # a defense is never poisoned itself; the trigger/target (flags, else manifest) are for evaluation
+    poison_rate, poison_count = args.poison_rate, args.poison_count
+    args.poison_rate = args.poison_count = None
+    record, indices = {"victim": args.ckpt, "victim_manifest": manifest}, None
+    if args.clean_data:
+        args.data = args.clean_data
+    else:
+        n_train = len(load_base(args, 32)) - args.holdout
+        poisoned = plan.indices if plan is not None else []
+        if plan is not None and plan.n != n_train:
+            raise UserError(f"the victim's manifest describes {plan.n} training pairs but --data has {n_train}; "
+                            f"give the victim's --data (and --holdout) or --clean-data")
+        indices = clean_subset(n_train, args.clean_fraction, poisoned, args.seed)
+        record["clean_subset"] = {"fraction": args.clean_fraction, "n": len(indices), "indices": indices}
+    eval_plan = _eval_plan(args, plan)
+    evaluator = EvalHook(args, eval_plan)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    before = evaluator(md.load_model(weights, device)) if not args.no_eval else None
+    args.no_eval = True  # train() must not evaluate with a poison plan of its own
+    summary = train(args, extension, train_indices=indices, record=record)
+    after = evaluator(md.load_model(os.path.join(args.out_dir, "model.safetensors"), device))
+    summary.update(before=before, after=after, minutes=round((time.time() - t0) / 60, 2))
+    if _is_main_env():
+        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+            json.dump({"before": before, "after": after}, f, indent=2)
+        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        line = f"{extension.name}: CA {before['clean']['top1']:.2f}% -> {after['clean']['top1']:.2f}%" if before \
+            else f"{extension.name}: CA {after['clean']['top1']:.2f}%"
+        if after.get("backdoor"):
+            b = before["backdoor"]["asr"] if before else float("nan")
+            line += f", ASR {b:.2f}% -> {after['backdoor']['asr']:.2f}%"
+        print(line + f" ({args.out_dir})")
+    args.poison_rate, args.poison_count = poison_rate, poison_count
+    return summary
+
+
+def _eval_plan(args, plan):
+    """The trigger and target to evaluate a defense with: flags win over the victim's manifest."""
+    if plan is None and args.target_class is None:
+        return None
+    trigger = args.trigger if plan is None or args.trigger != "patch" else plan.trigger
+    params = pdata.parse_trigger_params(args.trigger_param) or (plan.trigger_params if plan and trigger == plan.trigger else {})
+    target = args.target_class or plan.target
+    return argparse.Namespace(trigger=trigger, trigger_params=params, target=target)
+
+
+def _is_main_env() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def run_main(fn, argv=None):
+    """Run a script's main: user errors print one line and exit 2 (no traceback)."""
+    try:
+        fn(argv)
+    except (UserError, md.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    train(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
