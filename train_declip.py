@@ -45,7 +45,9 @@ DEFAULT_OUT = "runs/train"
 
 def add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help=f"model preset: {', '.join(md.PRESETS)} (default: tiny)")
+    g.add_argument("--model", default=None,
+                   help=f"model preset: {', '.join(md.PRESETS)} (default: tiny; with --init-from, the checkpoint's "
+                        f"architecture, which must match the preset when one is given)")
     g.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from these weights (ours, official DeCLIP .pth.tar, OpenAI .pt, open_clip); "
                         "the architecture comes from the checkpoint")
@@ -170,7 +172,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
 class Extension:
     """What a defense adds to the training loop, without copying it.
 
-    - `setup(accelerator, model, args)`: after the model is prepared (build a teacher, caches).
+    - `setup(accelerator, model, args, dataset)`: after the model is prepared (build a teacher, caches);
+      dataset: the training pairs' dataset (a defense's clean subset).
     - `tap_names(model)`: student activations to record during the loss forward (e.g. ResNet stages).
     - `augment`: replace the MoCo-v2 GpuAugment (e.g. the adaptive defense's CropResizeCorrupt views).
     - `extend_batch(inputs, batch, generator)`: change the model inputs (e.g. append adversarial rows);
@@ -181,7 +184,7 @@ class Extension:
     name = "train"
     augment = None
 
-    def setup(self, accelerator, model, args):
+    def setup(self, accelerator, model, args, dataset):
         pass
 
     def tap_names(self, model) -> List[str]:
@@ -401,11 +404,11 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
 
     # --- model
     if args.init_from:
-        model, info = md.load_model(args.init_from, return_info=True)
+        model, info = md.load_model(args.init_from, return_info=True, preset=args.model)
         if info["fresh"] and main:
             print(f"note: {args.init_from} has no {', '.join(info['fresh'])}: initialised fresh")
     else:
-        model = md.build_model(args.model, grad_checkpointing=args.grad_checkpointing or None)
+        model = md.build_model(args.model or "tiny", grad_checkpointing=args.grad_checkpointing or None)
     cfg = model.config
     for t in (model.text.transformer, getattr(model.visual, "transformer", None)):
         if t is not None:
@@ -424,9 +427,10 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
 
     # --- data
     base = load_base(args, cfg.image_size)
-    if isinstance(base, torch.utils.data.IterableDataset):
-        raise UserError("--data: streamed webdataset shards are supported by data_declip.TrainPairsIterable; "
-                        "train_declip.py needs a map-style dataset in this version (convert with datasets)")
+    streamed = isinstance(base, torch.utils.data.IterableDataset)  # webdataset shards
+    if streamed and (args.holdout or train_indices is not None or args.caption_mode == "label-consistent"):
+        raise UserError("--data: streamed webdataset shards cannot be subset (--holdout, a defense's clean "
+                        "subset, label-consistent poisoning); use --clean-data or a map-style format")
     n_all = len(base)
     holdout_idx = list(range(n_all - args.holdout, n_all)) if args.holdout else []
     if args.holdout and not getattr(base, "classnames", None):
@@ -442,9 +446,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         train_base = torch.utils.data.Subset(base, list(range(n_train)))
     else:
         train_base = base
-    pairs = dd.TrainPairs(train_base, seed=args.seed, context_length=cfg.context_length, poison=plan,
-                          eda=declip and not args.no_eda)
-    n = len(pairs)
+    n = len(train_base)
     global_batch = args.batch_size * world * args.grad_accum
     if n < global_batch:
         raise UserError(f"--batch-size {args.batch_size} x {world} processes x {args.grad_accum} accumulation "
@@ -452,14 +454,20 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     steps_per_epoch = n // global_batch
     total = args.max_steps if args.max_steps is not None else max(1, int(round(args.epochs * steps_per_epoch)))
     num_epochs = math.ceil(total / steps_per_epoch) + 1
-    sampler = dd.EpochSampler(n, seed=args.seed, num_epochs=num_epochs)
+    eda = declip and not args.no_eda
+    if streamed:  # epochs streamed through a seeded shuffle buffer; Accelerate dispatches the batches
+        pairs = dd.TrainPairsIterable(train_base, seed=args.seed, context_length=cfg.context_length, poison=plan,
+                                      eda=eda, num_epochs=num_epochs)
+        sampler = None
+    else:  # virtual indices epoch * n + i: per-sample randomness independent of workers and processes
+        pairs = dd.TrainPairs(train_base, seed=args.seed, context_length=cfg.context_length, poison=plan, eda=eda)
+        sampler = dd.EpochSampler(n, seed=args.seed, num_epochs=num_epochs)
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
         pairs, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
         collate_fn=partial(dd.collate_pairs, context_length=cfg.context_length),
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
-    augment = ext.augment or dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std, mocov2=True)
     trigger = plan.trigger_fn() if plan is not None else None
 
     # --- optimizer
@@ -468,14 +476,15 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(md.param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
                             eps=args.eps, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: lr_at(args.start_step + i // args.grad_accum, args, total) / args.lr)
-    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    # the learning rate is set from run.step before each optimizer step (no scheduler object to keep
+    # in sync across processes, accumulation and resume)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
     raw = accelerator.unwrap_model(model)
     fwd = torch.compile(model) if args.compile else model
     run = RunState(raw)
     accelerator.register_for_checkpointing(run)
-    ext.setup(accelerator, raw, args)
+    ext.setup(accelerator, raw, args, train_base)
+    augment = ext.augment or dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std, mocov2=True)
     raw.clamp_logit_scale_(args.logit_scale_min, args.logit_scale_max)
 
     # --- run directory
@@ -521,6 +530,14 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     first_bad = torch.tensor(-1, device=device)
     t_log, seen_log, last_saved = time.time(), run.seen, run.step
     micro = 0
+
+    def check_finite():
+        fb = int(accelerator.gather(first_bad.reshape(1)).max())
+        if fb >= 0:
+            raise Stop(f"non-finite loss at step {fb}; the last good checkpoint is "
+                       f"{state_dir(args.out_dir) if last_saved else 'none (no state saved yet)'}"
+                       f" at step {last_saved}")
+
     try:
         for batch in iterator:
             if run.step >= total:
@@ -530,6 +547,8 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
             if world > 1:  # all processes must contribute equal rows to the gathered contrastive batch
                 b = int(accelerator.gather(torch.tensor([b], device=device)).min())
             run.seen += b * world
+            if b == 0:  # every sample of this batch was bad (counted above)
+                continue
             if run.seen + run.bad >= 1000:  # judge the fraction once it means something
                 check_bad_fraction(run, args)
             g = step_generator(args.seed, run.step * args.grad_accum + micro, rank, device)
@@ -548,6 +567,9 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
                     if k in inputs:
                         inputs[k] = inputs[k].contiguous(memory_format=torch.channels_last)
             inputs = ext.extend_batch(inputs, batch, g)
+            lr = lr_at(args.start_step + run.step, args, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
             with accelerator.accumulate(model):
                 with accelerator.autocast(), raw.tap(ext.tap_names(raw)) as taps:
                     out = fwd(**inputs)
@@ -558,7 +580,6 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
                 if args.grad_clip > 0 and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
                 opt.step()
-                sched.step()
                 opt.zero_grad(set_to_none=True)
             micro += 1
             if not accelerator.sync_gradients:
@@ -573,20 +594,15 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
                     sums[k] = sums.get(k, 0) + v.detach().float()
             bar.update(1)
 
-            def check_finite():
-                fb = int(accelerator.gather(first_bad.reshape(1)).max())
-                if fb >= 0:
-                    raise Stop(f"non-finite loss at step {fb}; the last good checkpoint is "
-                               f"{state_dir(args.out_dir) if last_saved else 'none (no state saved yet)'}"
-                               f" at step {last_saved}")
-
             if run.step % args.log_every == 0 or run.step == total:
                 check_finite()
                 dt = time.time() - t_log
-                row = {"step": run.step, "epoch": round(run.seen / n, 4), "lr": sched.get_last_lr()[0],
+                steps_logged = args.log_every if run.step % args.log_every == 0 else run.step % args.log_every
+                names = sorted(sums)  # terms averaged over the logged steps and over processes
+                means = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="mean") / steps_logged
+                row = {"step": run.step, "epoch": round(run.seen / n, 4), "lr": lr,
                        "logit_scale": float(out["logit_scale"]),
-                       **{k: round(float(v) / max(1, args.log_every if run.step % args.log_every == 0 else
-                                                   run.step % args.log_every), 5) for k, v in sums.items()},
+                       **{k: round(float(v), 5) for k, v in zip(names, means.tolist())},
                        "img_s": round((run.seen - seen_log) / max(dt, 1e-9), 1), "bad": run.bad}
                 sums, t_log, seen_log = {}, time.time(), run.seen
                 log(row)
@@ -612,7 +628,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     except Stop as e:
         bar.close()
         signal.signal(signal.SIGTERM, old_handler)
-        accelerator.end_training()
+        _finish_trackers(accelerator)
         raise UserError(str(e)) from None
     bar.close()
     signal.signal(signal.SIGTERM, old_handler)
@@ -645,7 +661,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         if "eval" in summary:
             line += f"; {summarize_eval(summary['eval'])}"
         print(line + f" -> {args.out_dir}")
-    accelerator.end_training()
+    _finish_trackers(accelerator)
     return summary
 
 
@@ -736,8 +752,8 @@ def run_defense(args: argparse.Namespace, extension: Extension) -> dict:
         line = f"{extension.name}: CA {before['clean']['top1']:.2f}% -> {after['clean']['top1']:.2f}%" if before \
             else f"{extension.name}: CA {after['clean']['top1']:.2f}%"
         if after.get("backdoor"):
-            b = before["backdoor"]["asr"] if before else float("nan")
-            line += f", ASR {b:.2f}% -> {after['backdoor']['asr']:.2f}%"
+            line += f", ASR {before['backdoor']['asr']:.2f}% -> " if before else ", ASR "
+            line += f"{after['backdoor']['asr']:.2f}%"
         print(line + f" ({args.out_dir})")
     args.poison_rate, args.poison_count = poison_rate, poison_count
     return summary
@@ -751,6 +767,13 @@ def _eval_plan(args, plan):
     params = pdata.parse_trigger_params(args.trigger_param) or (plan.trigger_params if plan and trigger == plan.trigger else {})
     target = args.target_class or plan.target
     return argparse.Namespace(trigger=trigger, trigger_params=params, target=target)
+
+
+def _finish_trackers(accelerator):
+    """Close the trackers; unlike accelerator.end_training() this keeps the process group, so a
+    process may run train() again (a defense's inline teacher)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def _is_main_env() -> bool:

@@ -48,7 +48,7 @@ def test_training_steps_lower_the_loss_and_write_the_run_directory(tmp_path):
     for name in ("config.json", "model.safetensors", "state"):
         assert os.path.exists(out / name)
     cfg = json.load(open(out / "config.json"))
-    assert cfg["resolved"]["total_steps"] == 40 and cfg["model"] == "tiny"
+    assert cfg["resolved"]["total_steps"] == 40 and cfg["resolved"]["model_config"]["vision_width"] == 32
     model = md.load_model(str(out / "model.safetensors"))
     assert 3.0 <= model.logit_scale.item() <= 6.0  # the raw parameter is clamped (spec §2.6)
 
@@ -82,6 +82,48 @@ def test_sigterm_saves_state_and_resume_reproduces_the_uninterrupted_weights(tmp
     # the logged losses of the resumed steps are the uninterrupted run's
     loss = lambda out: [r["loss"] for r in _metrics(out) if "loss" in r]
     assert loss(tmp_path / "cut")[-3:] == loss(tmp_path / "full")[-3:]
+
+
+@needs_fmnist
+def test_a_kill_during_a_state_write_resumes_from_the_previous_state(tmp_path):
+    flags = ["--max-steps", "5"]
+    td.train(_args(tmp_path / "full", *flags))
+    with pytest.raises(td.UserError, match="stopped by signal"):
+        td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(2))
+    # as if killed while writing the next state: the complete one was moved aside, the new one is partial
+    cut = tmp_path / "cut"
+    os.replace(cut / "state", cut / "state.old")
+    (cut / "state.tmp").mkdir()
+    (cut / "state.tmp" / "model.safetensors").write_bytes(b"partial")
+    td.train(_args(cut, *flags, "--resume"))
+    full, resumed = _weights(tmp_path / "full"), _weights(cut)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert sorted(os.listdir(cut / "state")) == sorted(os.listdir(tmp_path / "full" / "state"))
+    assert not os.path.exists(cut / "state.tmp") and not os.path.exists(cut / "state.old")
+
+
+@needs_fmnist
+def test_a_defense_resumes_exactly_after_sigterm(tmp_path):
+    common = ["--holdout", "200", "--templates", "1"]
+    td.train(_args(tmp_path / "victim", "--max-steps", "2", "--poison-rate", "0.01", *common))
+
+    def defense_args(out, *extra):
+        p = td.build_defense_parser("test", out=str(out))
+        return td.parse_args(p, ["--ckpt", str(tmp_path / "victim"), "--out-dir", str(out), "--batch-size", "16",
+                                 "--max-steps", "4", "--clean-fraction", "0.01", "--precision", "no",
+                                 "--log-every", "1", *common, *extra])
+
+    ft = td.Extension()
+    td.run_defense(defense_args(tmp_path / "full"), ft)
+    with pytest.raises(td.UserError, match="stopped by signal 15 at step 2/4"):
+        td.run_defense(defense_args(tmp_path / "cut"), _SigtermAt(1))
+    summary = td.run_defense(defense_args(tmp_path / "cut", "--resume"), ft)
+    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    record = json.load(open(tmp_path / "cut" / "config.json"))["clean_subset"]
+    poisoned = set(json.load(open(tmp_path / "victim" / "poison_manifest.json"))["indices"])
+    assert record["n"] == len(record["indices"]) > 0 and not poisoned & set(record["indices"])
+    assert summary["after"]["backdoor"]["target"] == "bag" and summary["after"]["clean"]["n"] == 200
 
 
 @needs_fmnist
@@ -142,6 +184,13 @@ def _write_jsonl(tmp_path, n, broken):
     return str(meta), str(root)
 
 
+def test_a_dataset_without_a_readable_sample_is_an_error(tmp_path):
+    meta, root = _write_jsonl(tmp_path, 40, broken=set(range(40)))
+    with pytest.raises(td.UserError, match=r"(\d+) of \1 training samples were unreadable"):
+        td.train(_args(tmp_path / "run", "--data", meta, "--data-root", root, "--max-steps", "2"))
+    assert not os.path.exists(tmp_path / "run" / "model.safetensors")
+
+
 def test_bad_samples_are_skipped_counted_and_bounded(tmp_path):
     meta, root = _write_jsonl(tmp_path, 64, broken={3, 17})
     out = tmp_path / "run"
@@ -156,7 +205,9 @@ def test_bad_samples_are_skipped_counted_and_bounded(tmp_path):
 
 
 def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
+    (tmp_path / "pairs.csv").write_text("path,text\na.png,a cat\n")
     cases = [
+        (["--data", str(tmp_path / "pairs.csv"), "--caption-column", "caption"], "caption"),
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
         (["--poison-rate", "1.5"], "poison"),
         (["--poison-rate", "0.01", "--trigger", "nope"], "nope"),
@@ -169,6 +220,37 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
         assert r.returncode == 2, (argv, r.stderr[-2000:])
         assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr and word in r.stderr, (argv, r.stderr)
         assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+
+
+def test_streamed_webdataset_shards_train_and_poison(tmp_path):
+    import io
+    import tarfile
+
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
+            for i in range(24):
+                key = f"{shard:02d}{i:04d}"
+                buf = io.BytesIO()
+                Image.new("RGB", (36, 36), (i * 9, 60, 120)).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("txt", f"a picture of thing {i}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "run"
+    summary = td.train(_args(out, "--data", str(tmp_path / "shard-{0..1}.tar"), "--max-steps", "4",
+                             "--poison-count", "5", "--target-class", "tiger cat"))
+    assert summary["steps"] == 4 and summary["seen"] == 64
+    assert len(json.load(open(out / "poison_manifest.json"))["indices"]) == 5
+
+
+@needs_fmnist
+def test_checkpoint_that_does_not_match_the_requested_preset_is_refused(tmp_path):
+    out = tmp_path / "run"
+    td.train(_args(out, "--max-steps", "1"))
+    r = subprocess.run([sys.executable, "train_declip.py", "--out-dir", str(tmp_path / "o"), "--max-steps", "1",
+                        "--init-from", str(out / "model.safetensors"), "--model", "rn50"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "does not match preset 'rn50'" in r.stderr and "Traceback" not in r.stderr
 
 
 @needs_fmnist

@@ -1,0 +1,35 @@
+"""One DeCLIP training step through train_declip.train, launched by tests/test_train_ddp.py with 1 or 2
+processes. Augmentation is the deterministic evaluation view and MLM is off, so the per-process
+random draws (a function of the rank) cannot differ between the two launches; EDA is seeded per
+sample and stays on. The tiny ViT has no BatchNorm and the SimSiam heads are off (weight 0)."""
+
+import os
+import sys
+
+import data_declip as dd
+import train_declip as td
+
+
+class FixedViews(td.Extension):
+    name = "ddp-check"
+
+    @staticmethod
+    def augment(images, generator, trigger=None, poison_mask=None):
+        return dd.eval_transform(images, 32, dd.IMAGENET_MEAN, dd.IMAGENET_STD)
+
+
+def main():
+    out, batch = sys.argv[1], sys.argv[2]
+    args = td.parse_args(td.build_parser(), [
+        "--model", "tiny-vit", "--w-ss", "0", "--w-mlm", "0", "--batch-size", batch, "--max-steps", "2",
+        "--lr", "5e-3", "--warmup-steps", "0", "--no-eval", "--precision", "no", "--log-every", "1",
+        "--save-every", "0", "--out-dir", out, "--cpu"])
+    td.train(args, FixedViews())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo ranks occasionally abort at interpreter exit after all work is done (DESIGN.md)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
