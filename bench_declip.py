@@ -1,0 +1,243 @@
+"""Throughput, memory and model-FLOPs utilisation of DeCLIP training and evaluation.
+
+    python bench_declip.py                                   # tiny, CLIP + DeCLIP modes, fp32 + bf16, CPU
+    python bench_declip.py --presets rn50 --batch-size 128 --precisions bf16 --json bench.json   # on a GPU
+    python bench_declip.py --compare-open-clip               # tiny CLIP mode vs. open_clip's model + loss
+
+Training steps run the real objective (forward, backward, AdamW step, logit-scale clamp) on
+synthetic inputs already on the device, optionally with the batched MoCo-v2 augmentation
+(`--augment`); data loading is not measured. MFU = model FLOPs per sample (counted from the model
+configuration by modeling_declip.estimate_flops) x images/s / the device's peak. The CPU peak is
+measured here with a large matmul in the same precision; for GPUs a table of dense peaks is used
+(override with --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+import data_declip as dd
+import modeling_declip as md
+
+# Dense (no sparsity) peaks in TFLOP/s, from the vendors' data sheets.
+GPU_PEAKS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
+             "A100": {"bf16": 312.0, "fp32": 19.5}}
+
+
+def device_peak_tflops(device: torch.device, precision: str, override=None) -> float:
+    if override:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAKS.items():
+            if key in name:
+                return peaks["bf16" if precision == "bf16" else "fp32"]
+        return float("nan")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    t, n = time.perf_counter(), 5
+    for _ in range(n):
+        a @ b
+    return 2 * 2048 ** 3 * n / (time.perf_counter() - t) / 1e12
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(cfg, batch, device, text_len, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.image_size
+    images = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g)
+    tokens = torch.randint(1, 49406, (batch, text_len), generator=g)
+    tokens[:, 0] = md.SOT_ID
+    tokens[:, -1] = md.EOT_ID
+    return images.to(device), tokens.to(device)
+
+
+def bench_train(preset, mode, precision, batch, steps, warmup, device, text_len, augment=False,
+                channels_last=None, compile_model=False):
+    torch.manual_seed(0)
+    model = md.build_model(preset).to(device).train()
+    cfg = model.config
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    if channels_last and cfg.vision == "resnet":
+        model = model.to(memory_format=torch.channels_last)
+    weights = md.LossWeights() if mode == "declip" else md.LossWeights.clip_only()
+    if mode == "clip":
+        for head in (model.projector, model.predictor, model.text_label_predictor):
+            head.requires_grad_(False)
+    opt = torch.optim.AdamW(md.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_model else model
+    images_u8, tokens = _inputs(cfg, batch, device, text_len)
+    aug = dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std)
+    norm = lambda x: dd.eval_transform(x, cfg.image_size, cfg.image_mean, cfg.image_std)
+    gen = torch.Generator(device=device).manual_seed(0)
+    fixed = (norm(images_u8), norm(images_u8.flip(-1)))
+    masked, labels = dd.mask_tokens(tokens, gen)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        if augment:
+            v1, v2 = aug(images_u8, gen), aug(images_u8, gen)
+        else:
+            v1, v2 = fixed
+        if channels_last and cfg.vision == "resnet":
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            if mode == "declip":
+                out = fwd(v1, masked, v2, tokens, labels, weights=weights)
+            else:
+                out = fwd(v1, tokens, weights=weights)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.clamp_logit_scale_()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    dt = (time.perf_counter() - t) / steps
+    flops = md.estimate_flops(cfg, mode, training=True, text_len=text_len)["total"]
+    return batch / dt, flops, _peak_mem(device)
+
+
+@torch.no_grad()
+def bench_eval(preset, precision, batch, steps, warmup, device):
+    model = md.build_model(preset).to(device).eval()
+    cfg = model.config
+    images_u8, _ = _inputs(cfg, batch, device, 8)
+    x = dd.eval_transform(images_u8, cfg.image_size, cfg.image_mean, cfg.image_std)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    for _ in range(warmup):
+        with autocast:
+            model.encode_image(x)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        with autocast:
+            model.encode_image(x)
+    _sync(device)
+    return batch * steps / (time.perf_counter() - t)
+
+
+def bench_open_clip(precision, batch, steps, warmup, device, text_len):
+    """The `tiny` preset's CLIP rebuilt in open_clip (same widths, QuickGELU) trained with its ClipLoss."""
+    from open_clip.loss import ClipLoss
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    cfg = md.get_config("tiny")
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=cfg.embed_dim,
+                 vision_cfg=CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, image_size=cfg.image_size),
+                 text_cfg=CLIPTextCfg(context_length=cfg.context_length, vocab_size=49408, width=cfg.text_width,
+                                      heads=cfg.text_heads, layers=cfg.text_layers),
+                 quick_gelu=True).to(device).train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.98))
+    loss_fn = ClipLoss()
+    images_u8, tokens = _inputs(cfg, batch, device, text_len)
+    tokens = tokens.clamp(max=49407)
+    x = dd.eval_transform(images_u8, cfg.image_size, cfg.image_mean, cfg.image_std)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        with autocast:
+            img, txt, scale = model(x, tokens)
+            loss = loss_fn(img, txt, scale)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - t)
+
+
+def _peak_mem(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS, GiB
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny"], help="model presets to measure")
+    p.add_argument("--modes", nargs="+", default=["clip", "declip"], choices=("clip", "declip"))
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    p.add_argument("--batch-size", type=int, default=256, help="images per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--text-len", type=int, default=None, help="tokens per caption (default: the context length)")
+    p.add_argument("--augment", action="store_true", help="include the batched MoCo-v2 views in each step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compare-open-clip", action="store_true",
+                   help="also train the tiny CLIP built in open_clip with its own loss (CLIP mode ratio)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table / measured)")
+    p.add_argument("--cpu", action="store_true", help="measure on the CPU even if a GPU is present")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    rows = []
+    print(f"device: {name}; batch {args.batch_size}; {args.steps} timed steps")
+    header = f"{'preset':9} {'mode':7} {'prec':5} {'train img/s':>11} {'eval img/s':>10} {'GFLOP/img':>9} {'MFU %':>6} {'peak GiB':>8}"
+    print(header)
+    for preset in args.presets:
+        text_len = args.text_len or md.get_config(preset).context_length
+        for prec in args.precisions:
+            peak = device_peak_tflops(device, prec, args.peak_tflops)
+            ev = bench_eval(preset, prec, args.batch_size, args.steps, args.warmup, device)
+            for mode in args.modes:
+                ips, flops, mem = bench_train(preset, mode, prec, args.batch_size, args.steps, args.warmup, device,
+                                              text_len, augment=args.augment, compile_model=args.compile)
+                mfu = 100 * ips * flops / (peak * 1e12)
+                row = dict(preset=preset, mode=mode, precision=prec, batch=args.batch_size, train_img_s=round(ips, 1),
+                           eval_img_s=round(ev, 1), gflop_per_img=round(flops / 1e9, 3), mfu=round(mfu, 2),
+                           peak_tflops=round(peak, 2), peak_mem_gib=round(mem, 2), device=name)
+                rows.append(row)
+                print(f"{preset:9} {mode:7} {prec:5} {ips:11.1f} {ev:10.1f} {flops / 1e9:9.3f} {mfu:6.2f} {mem:8.2f}",
+                      flush=True)
+            if "clip" in args.modes and "declip" in args.modes:
+                c = next(r for r in rows if r["preset"] == preset and r["precision"] == prec and r["mode"] == "clip")
+                d = next(r for r in rows if r["preset"] == preset and r["precision"] == prec and r["mode"] == "declip")
+                print(f"  {preset} {prec}: DeCLIP/CLIP time per image {c['train_img_s'] / d['train_img_s']:.2f}x, "
+                      f"FLOPs per image {d['gflop_per_img'] / c['gflop_per_img']:.2f}x")
+    if args.compare_open_clip:
+        for prec in args.precisions:
+            ours = bench_train("tiny", "clip", prec, args.batch_size, args.steps, args.warmup, device,
+                               md.get_config("tiny").context_length)[0]
+            theirs = bench_open_clip(prec, args.batch_size, args.steps, args.warmup, device,
+                                     md.get_config("tiny").context_length)
+            rows.append(dict(preset="tiny", mode="clip-vs-open_clip", precision=prec, ours_img_s=round(ours, 1),
+                             open_clip_img_s=round(theirs, 1), ratio=round(ours / theirs, 3), device=name))
+            print(f"tiny CLIP {prec}: ours {ours:.1f} img/s, open_clip {theirs:.1f} img/s, ratio {ours / theirs:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
