@@ -238,7 +238,7 @@ def _pil_fixed_point_pass(weights: torch.Tensor, image: torch.Tensor) -> torch.T
 def patch_template(size: int = 3, margin: int = 6) -> torch.Tensor:
     """The 32x32 uint8 trigger template (one channel): black, with a white `size`-px square whose
     bottom/right edge is `margin` px from the template's edge. size=3, margin=6 is spec §5.1's
-    rows/cols 23-25 (slice -9:-6); margin=3 puts it at rows/cols 26-28 (the demo's corner placement)."""
+    rows/cols 23-25 (slice -9:-6); size=4, margin=2 gives rows/cols 26-29 (the demo's corner placement)."""
     t = torch.zeros(TEMPLATE_SIZE, TEMPLATE_SIZE, dtype=torch.uint8)
     lo, hi = TEMPLATE_SIZE - margin - size, TEMPLATE_SIZE - margin
     t[lo:hi, lo:hi] = 255
@@ -1223,7 +1223,7 @@ def materialise(dataset, plan: PoisonPlan, out_dir: str, *, fmt: dict | None = N
 PREVIEW_TRIGGERS = (
     ("clean", None, {}),
     ("patch (spec 5.1)", "patch", {}),
-    ("patch margin=3 (demo)", "patch", {"margin": 3}),
+    ("patch size=4 margin=2 (demo)", "patch", {"size": 4, "margin": 2}),
     ("patch-random", "patch-random", {}),
     ("blended", "blended", {}),
     ("sig", "sig", {}),

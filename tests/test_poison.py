@@ -50,7 +50,8 @@ def test_patch_footprint_at_256_is_rows_and_cols_180_to_211():
 
 def test_patch_margin_3_puts_the_square_at_rows_and_cols_26_to_28_at_32px():
     assert _footprint(patch_mask(32, 32)) == (23, 25, 23, 25)                # spec slice -9:-6
-    assert _footprint(patch_mask(32, 32, margin=3)) == (26, 28, 26, 28)      # the demo's corner
+    assert _footprint(patch_mask(32, 32, margin=3)) == (26, 28, 26, 28)      # a 3x3 corner square
+    assert _footprint(patch_mask(32, 32, size=4, margin=2)) == (26, 29, 26, 29)  # the demo's corner square
 
 
 @pytest.mark.parametrize("height,width", [(224, 224), (256, 256), (32, 32), (28, 28), (48, 64), (64, 48),
