@@ -270,7 +270,7 @@ def make_poison_plan(args, base, n_train: int) -> Optional["pdata.PoisonPlan"]:
         n_train, rate=args.poison_rate, count=args.poison_count, target=resolve_target(args, base),
         trigger=args.trigger, trigger_params=pdata.parse_trigger_params(args.trigger_param),
         caption_mode=args.caption_mode, seed=args.seed, captions=captions, fixed_caption=args.fixed_caption,
-        classnames=getattr(base, "classnames", None), dataset_fingerprint=pdata.fingerprint(base))
+        classnames=getattr(base, "classnames", None), dataset_fingerprint=pdata.dataset_fingerprint(base))
 
 
 def prepare_run_dir(args):
@@ -606,7 +606,8 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
                        "img_s": round((run.seen - seen_log) / max(dt, 1e-9), 1), "bad": run.bad}
                 sums, t_log, seen_log = {}, time.time(), run.seen
                 log(row)
-                bar.set_postfix({k: row[k] for k in ("loss", "clip", "lr", "img_s") if k in row}, refresh=False)
+                bar.set_postfix({k: row[k] for k in ("loss", "clip", "lr", "logit_scale", "img_s") if k in row},
+                                refresh=False)
             if args.eval_every and run.step % args.eval_every == 0 and run.step < total:
                 raw.eval()
                 res = evaluator(raw, accelerator)

@@ -1,7 +1,9 @@
 """One DeCLIP training step through train_declip.train, launched by tests/test_train_ddp.py with 1 or 2
 processes. Augmentation is the deterministic evaluation view and MLM is off, so the per-process
 random draws (a function of the rank) cannot differ between the two launches; EDA is seeded per
-sample and stays on. The tiny ViT has no BatchNorm and the SimSiam heads are off (weight 0)."""
+sample and stays on. The tiny ViT has no BatchNorm and the SimSiam heads are off (weight 0). Adam's
+eps is large so that gradients that are zero up to rounding (the attention key bias) are not blown up
+to full-size updates by Adam's normalisation."""
 
 import os
 import sys
@@ -22,7 +24,7 @@ def main():
     out, batch = sys.argv[1], sys.argv[2]
     args = td.parse_args(td.build_parser(), [
         "--model", "tiny-vit", "--w-ss", "0", "--w-mlm", "0", "--batch-size", batch, "--max-steps", "2",
-        "--lr", "5e-3", "--warmup-steps", "0", "--no-eval", "--precision", "no", "--log-every", "1",
+        "--lr", "5e-3", "--warmup-steps", "0", "--eps", "1e-3", "--no-eval", "--precision", "no", "--log-every", "1",
         "--save-every", "0", "--out-dir", out, "--cpu"])
     td.train(args, FixedViews())
     sys.stdout.flush()
