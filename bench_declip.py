@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 
 import torch

@@ -14,7 +14,6 @@ poison_manifest.json when poisoned.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
