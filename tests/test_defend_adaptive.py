@@ -16,27 +16,8 @@ import modeling_declip as md
 import train_declip as td
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's 2 cores are shared: one thread avoids OpenMP spin-waiting under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-SMALL = ["--batch-size", "32", "--holdout", "100", "--templates", "1", "--precision", "no", "--cpu",
-         "--log-every", "1", "--save-every", "0"]
-
-
-@pytest.fixture(scope="module")
-def victim(tmp_path_factory):
-    """A tiny DeCLIP trained 2 steps on Fashion-MNIST with 5% of the pairs poisoned."""
-    out = tmp_path_factory.mktemp("victim")
-    args = td.parse_args(td.build_parser(), SMALL + ["--max-steps", "2", "--poison-rate", "0.05", "--no-eval",
-                                                     "--out-dir", str(out)])
-    td.train(args)
-    return out
+# the same one-thread setting, small flags and tiny poisoned victim as the NAD tests
+from test_defend_nad import SMALL, one_thread, victim  # noqa: E402,F401  (pytest fixtures)
 
 
 def _teacher(seed=0):
