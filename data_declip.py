@@ -61,6 +61,26 @@ class UserError(Exception):
     """A mistake in the user's input (flag, file, column); scripts print it as `error: ...` and exit 2."""
 
 
+def read_config(path: str, parser, sections: Sequence[str] = ()) -> dict:
+    """Flag defaults from a YAML --config file: its top-level scalar keys, overridden by the first of
+    `sections` that is present (a mapping), keys read with '-' as '_'; keys that are not flags of
+    `parser` are ignored, so one file can serve several scripts."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--config {path}: cannot read it ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag names to values")
+    section = next((cfg[s] for s in sections if cfg.get(s)), {})
+    merged = {**{k: v for k, v in cfg.items() if not isinstance(v, dict)},
+              **(section if isinstance(section, dict) else {})}
+    dests = {a.dest for a in parser._actions}
+    return {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in dests}
+
+
 # --------------------------------------------------------------------------------------------------
 # Tokenizer: CLIP byte-level BPE, DeCLIP special ids
 # --------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data_declip import UserError
+from data_declip import UserError, read_config
 
 DEFAULT_TRAIN_DIR = "runs/train"  # default --out-dir of train_declip.py
 MODEL_FILE = "model.safetensors"
@@ -624,13 +624,17 @@ def read_minutes(ckpt) -> float | None:
     return float(m) if _is_number(m) else None
 
 
-def read_timings(path) -> dict:
-    """--timings FILE: a JSON object mapping method name -> training minutes (a number, or null = unknown)."""
+def _read_json(path, flag: str):
     try:
         with open(path, encoding="utf-8") as f:
-            t = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"--timings {path}: cannot read it as JSON ({e}).")
+        raise UserError(f"{flag} {path}: cannot read it as JSON ({e}).")
+
+
+def read_timings(path) -> dict:
+    """--timings FILE: a JSON object mapping method name -> training minutes (a number, or null = unknown)."""
+    t = _read_json(path, "--timings")
     bad = [k for k, v in t.items() if v is not None and not (_is_number(v) and v >= 0)] if isinstance(t, dict) \
         else None
     if bad is None or bad:
@@ -874,11 +878,7 @@ def _mean_std(values):
 
 
 def _read_report(path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            rep = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--aggregate {path}: cannot read it as JSON ({e}).")
+    rep = _read_json(path, "--aggregate")
     rows = rep.get("rows") if isinstance(rep, dict) else None
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "method" in r for r in rows):
         raise UserError(f"--aggregate {path}: not a report.json of eval_zeroshot.py --report (no rows).")
@@ -1202,20 +1202,7 @@ def parse_args(argv=None):
     p = build_parser()
     pre, _ = p.parse_known_args(argv)
     if pre.config:
-        import yaml
-
-        try:
-            with open(pre.config, encoding="utf-8") as f:
-                cfg = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"--config {pre.config}: cannot read it ({e}).")
-        if not isinstance(cfg, dict):
-            raise UserError(f"--config {pre.config}: expected a mapping of flag names to values.")
-        section = cfg.get("eval_zeroshot") or cfg.get("eval") or {}
-        merged = {**{k: v for k, v in cfg.items() if not isinstance(v, dict)},
-                  **(section if isinstance(section, dict) else {})}
-        dests = {a.dest for a in p._actions}
-        merged = {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in dests}
+        merged = read_config(pre.config, p, ("eval_zeroshot", "eval"))
         lists = {k: merged.pop(k) for k in ("ckpt", "names", "trigger_param", "clean", "aggregate") if k in merged}
         p.set_defaults(**merged)
     else:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import UserError  # the shared error type (contracts.md)
+from data_declip import UserError, read_config
 
 
 MANIFEST_NAME = "poison_manifest.json"
@@ -1342,20 +1342,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     pre, _ = p.parse_known_args(argv)
     lists = {}
     if pre.config:
-        import yaml
-
-        try:
-            with open(pre.config, encoding="utf-8") as f:
-                cfg = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"--config {pre.config}: cannot read it ({e})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"--config {pre.config}: expected a mapping of flag names to values")
-        section = cfg.get("poison_data") or cfg.get("poison") or {}
-        merged = {**{k: v for k, v in cfg.items() if not isinstance(v, dict)},
-                  **(section if isinstance(section, dict) else {})}
-        dests = {a.dest for a in p._actions}
-        merged = {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in dests}
+        merged = read_config(pre.config, p, ("poison_data", "poison"))
         if isinstance(merged.get("trigger_params"), dict):
             merged.setdefault("trigger_param", [f"{k}={v}" for k, v in merged.pop("trigger_params").items()])
         if "trigger_param" in merged:
