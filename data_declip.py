@@ -941,8 +941,14 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
             item["caption"] = _clean_caption(raw.decode("utf-8", "replace")) if raw is not None else None
         return item
 
-    def iter_indexed(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, dict]]:
-        """(index, item) pairs of this worker's share, in shard order."""
+    def iter_indexed(self, worker: int = 0, num_workers: int = 1, rank: int = 0,
+                     world: int = 1) -> Iterator[tuple[int, dict]]:
+        """(index, item) pairs of this worker's share of this process's share, in shard order.
+
+        Processes split by sample (index % world == rank), so their shares differ by at most one
+        sample whatever the shard sizes and they run out of data together; a process's DataLoader
+        workers split by shard when there are enough shards, else by sample. Only the kept samples
+        are decoded."""
         import webdataset as wds
         offsets = [0]
         for s in self.shard_sizes:
@@ -954,7 +960,7 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
             pipe = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=wds.warn_and_continue))
             for j, sample in enumerate(pipe):
                 index = offsets[k] + j
-                if not by_shard and index % num_workers != worker:
+                if index % world != rank or (not by_shard and index // world % num_workers != worker):
                     continue
                 yield index, self._decode(sample)
 
@@ -1215,27 +1221,32 @@ class TrainPairsIterable(torch.utils.data.IterableDataset):
 
     Sample i of epoch e uses virtual index v = e * N + i (N = len(base)), so its EDA/poison randomness is
     the same as in ``TrainPairs``. Order: a shuffle buffer of ``shuffle_buffer`` items seeded from
-    (seed, epoch, worker); deterministic for a given number of DataLoader workers.
+    (seed, epoch, worker, rank); deterministic for a given number of DataLoader workers. With ``world``
+    data-parallel processes, process ``rank`` streams only its share (see ``iter_indexed``), so no
+    process decodes the others' samples.
     """
 
     def __init__(self, base, seed: int, context_length: int = 77, poison=None, eda: bool = True,
-                 mlm_prob: float = 0.15, start_epoch: int = 0, num_epochs: int = 1, shuffle_buffer: int = 1000):
+                 mlm_prob: float = 0.15, start_epoch: int = 0, num_epochs: int = 1, shuffle_buffer: int = 1000,
+                 rank: int = 0, world: int = 1):
         self.base, self.seed, self.context_length = base, seed, context_length
         self.poison, self.eda, self.mlm_prob = poison, eda, mlm_prob
         self.start_epoch, self.num_epochs, self.shuffle_buffer = start_epoch, num_epochs, shuffle_buffer
+        self.rank, self.world = rank, world
         self._maker = _PairMaker(seed, context_length, poison, eda, mlm_prob)
 
     def __len__(self) -> int:
-        return len(self.base) * self.num_epochs
+        """Items this process streams: its share of each epoch."""
+        return len(range(self.rank, len(self.base), self.world)) * self.num_epochs
 
     def __iter__(self) -> Iterator[Optional[dict]]:
         n = len(self.base)
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for epoch in range(self.start_epoch, self.start_epoch + self.num_epochs):
-            rng = random.Random(_int_seed(self.seed, "buffer", epoch, w))
+            rng = random.Random(_int_seed(self.seed, "buffer", epoch, w, self.rank))
             buf: list = []
-            for i, item in self.base.iter_indexed(w, nw):
+            for i, item in self.base.iter_indexed(w, nw, self.rank, self.world):
                 buf.append((i, item))
                 if len(buf) >= max(1, self.shuffle_buffer):
                     k = rng.randrange(len(buf))

@@ -454,9 +454,9 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     total = args.max_steps if args.max_steps is not None else max(1, int(round(args.epochs * steps_per_epoch)))
     num_epochs = math.ceil(total / steps_per_epoch) + 1
     eda = declip and not args.no_eda
-    if streamed:  # epochs streamed through a seeded shuffle buffer; Accelerate dispatches the batches
+    if streamed:  # epochs streamed through a seeded shuffle buffer, each process reading its own share
         pairs = dd.TrainPairsIterable(train_base, seed=args.seed, context_length=cfg.context_length, poison=plan,
-                                      eda=eda, num_epochs=num_epochs)
+                                      eda=eda, num_epochs=num_epochs, rank=rank, world=world)
         sampler = None
     else:  # virtual indices epoch * n + i: per-sample randomness independent of workers and processes
         pairs = dd.TrainPairs(train_base, seed=args.seed, context_length=cfg.context_length, poison=plan, eda=eda)
@@ -477,7 +477,10 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
                             eps=args.eps, fused=device.type == "cuda")
     # the learning rate is set from run.step before each optimizer step (no scheduler object to keep
     # in sync across processes, accumulation and resume)
-    model, opt, loader = accelerator.prepare(model, opt, loader)
+    if streamed:  # already split by process; Accelerate would make process 0 read and send every batch
+        model, opt = accelerator.prepare(model, opt)
+    else:  # Accelerate shards our epoch sampler's batches over the processes
+        model, opt, loader = accelerator.prepare(model, opt, loader)
     raw = accelerator.unwrap_model(model)
     fwd = torch.compile(model) if args.compile else model
     run = RunState(raw)

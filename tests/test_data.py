@@ -322,6 +322,11 @@ def test_webdataset_shards_stream_items_with_stable_indices(tmp_path):
     for nw in (2, 4):
         got = sorted(i for w in range(nw) for i, _ in ds.iter_indexed(w, nw))
         assert got == list(range(6))
+    # process split (by sample, so shares stay balanced), then each process's workers
+    for world, nw in ((2, 1), (2, 2), (4, 3)):
+        shares = [[i for w in range(nw) for i, _ in ds.iter_indexed(w, nw, r, world)] for r in range(world)]
+        assert sorted(sum(shares, [])) == list(range(6))
+        assert [sorted(sh) for sh in shares] == [list(range(r, 6, world)) for r in range(world)]
     # a directory of shards is detected too
     assert len(D.build_caption_dataset(str(tmp_path), image_size=8)) == 6
 
@@ -338,6 +343,10 @@ def test_train_pairs_iterable_streams_every_sample_once_per_epoch(tmp_path):
     assert [o and o["index"] for o in out] == [o and o["index"] for o in tp]  # deterministic
     batch = D.collate_pairs(out[:6], 16)
     assert batch["n_bad"] == sum(o is None for o in out[:6])
+    # a data-parallel process streams its share of each epoch (indices 1, 3, 5; none is bad)
+    tp1 = D.TrainPairsIterable(ds, seed=0, poison=StubPoison(), num_epochs=2, shuffle_buffer=4, rank=1, world=2)
+    out1 = list(tp1)
+    assert len(out1) == len(tp1) == 6 and sorted(o["index"] for o in out1) == [1, 1, 3, 3, 5, 5]
 
 
 def test_hf_dataset_saved_to_disk_and_parquet(tmp_path):

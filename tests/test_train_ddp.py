@@ -1,5 +1,6 @@
 """Data parallelism through the real loop: two CPU processes (accelerate launch) with batch B each take
-the same two steps as one process with batch 2B: same losses, same weights, same memory bank."""
+the same two steps as one process with batch 2B: same losses, same weights, same memory bank; on
+streamed webdataset shards the processes read disjoint shares that together cover every sample."""
 
 import json
 import os
@@ -14,18 +15,24 @@ import data_declip as dd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(out, nproc, batch, tmp_path):
+def _launch(out, nproc, batch, tmp_path, *extra):
+    """nproc 2: through the shipped launch config for two CPU processes, so that it stays correct."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     if nproc > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--main_process_port", "29517", "--mixed_precision", "no",
-               "--dynamo_backend", "no"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "configs", "accelerate", "cpu_2proc.yaml"), "--main_process_port", "29517"]
     else:
         cmd = [sys.executable]
-    r = subprocess.run(cmd + [os.path.join(ROOT, "tests", "ddp_train_step.py"), str(out), str(batch)],
+    r = subprocess.run(cmd + [os.path.join(ROOT, "tests", "ddp_train_step.py"), str(out), str(batch), *extra],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+    assert json.load(open(os.path.join(out, "config.json")))["resolved"]["world_size"] == nproc
+
+
+def _indices(out, nproc):
+    """Per process, the sample indices it trained on, step by step."""
+    return [[[int(i) for i in line.split()] for line in open(os.path.join(out, f"indices-{r}.txt"))]
+            for r in range(nproc)]
 
 
 def _read(out):
@@ -52,3 +59,37 @@ def test_two_processes_train_like_one_process_with_the_concatenated_batch(tmp_pa
     assert torch.allclose(s1["bank_bank"], s2["bank_bank"], atol=1e-5)
     assert int(s1["bank_ptr"]) == int(s2["bank_ptr"]) == 2 * 2 * 16
     assert s2["seen"] == s1["seen"] == 32
+    # process r trained on rows r*B..(r+1)*B-1 of the one-process batch
+    one, two = _indices(tmp_path / "one", 1)[0], _indices(tmp_path / "two", 2)
+    assert [two[0][k] + two[1][k] for k in range(2)] == one
+
+
+def _write_shards(root, sizes):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    for shard, size in enumerate(sizes):
+        with tarfile.open(root / f"shard-{shard}.tar", "w") as tar:
+            for i in range(size):
+                buf = io.BytesIO()
+                Image.new("RGB", (36, 36), (i * 9 % 256, 60 + 50 * shard, 120)).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("txt", f"a picture of thing {i} in shard {shard}".encode())):
+                    info = tarfile.TarInfo(f"{shard:02d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(root / f"shard-{{0..{len(sizes) - 1}}}.tar")
+
+
+@pytest.mark.slow
+def test_two_processes_stream_disjoint_shares_of_webdataset_shards(tmp_path):
+    # 3 shards of unequal sizes (48 samples) for 2 processes: each must still get half of every epoch
+    data = _write_shards(tmp_path, [20, 20, 8])
+    _launch(tmp_path / "two", 2, 8, tmp_path, "--data", data, "--max-steps", "3")  # 3 x 16 = one epoch
+    summary = json.load(open(tmp_path / "two" / "summary.json"))
+    assert summary["steps"] == 3 and summary["seen"] == 48
+    shares = [sum(steps, []) for steps in _indices(tmp_path / "two", 2)]
+    assert all(len(steps) == 3 and all(len(b) == 8 for b in steps) for steps in _indices(tmp_path / "two", 2))
+    assert sorted(shares[0] + shares[1]) == list(range(48))
+    assert set(shares[0]).isdisjoint(shares[1])
