@@ -9,7 +9,8 @@ synthetic inputs already on the device, optionally with the batched MoCo-v2 augm
 (`--augment`); data loading is not measured. MFU = model FLOPs per sample (counted from the model
 configuration by modeling_declip.estimate_flops) x images/s / the device's peak. The CPU peak is
 measured here with a large matmul in the same precision; for GPUs a table of dense peaks is used
-(override with --peak-tflops).
+(override with --peak-tflops). On the CPU the allocator is set up as training sets it up
+(train_declip.keep_freed_cpu_memory); --default-malloc measures glibc's defaults instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 import data_declip as dd
 import modeling_declip as md
+import train_declip as td
 
 # Dense (no sparsity) peaks in TFLOP/s, from the vendors' data sheets.
 GPU_PEAKS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
@@ -195,10 +197,14 @@ def main(argv=None):
                    help="also train the tiny CLIP built in open_clip with its own loss (CLIP mode ratio)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table / measured)")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even if a GPU is present")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="on the CPU, keep glibc's default allocator settings instead of the training loop's")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    if device.type == "cpu":
+        name += ", glibc default malloc" if args.default_malloc or not td.keep_freed_cpu_memory() else ""
     rows = []
     print(f"device: {name}; batch {args.batch_size}; {args.steps} timed steps")
     header = f"{'preset':9} {'mode':7} {'prec':5} {'train img/s':>11} {'eval img/s':>10} {'GFLOP/img':>9} {'MFU %':>6} {'peak GiB':>8}"

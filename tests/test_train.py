@@ -282,3 +282,26 @@ def test_the_no_argument_default_runs(tmp_path):
     assert os.path.isfile(tmp_path / "runs" / "train" / "model.safetensors")
     res = json.load(open(tmp_path / "runs" / "train" / "eval.json"))
     assert res["clean"]["n"] == 10000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_cpu_training_reuses_freed_heap_memory_for_large_tensors():
+    """After keep_freed_cpu_memory, a large tensor comes from glibc's heap (reused step after step)
+    instead of a fresh mmap that page-faults zeroed memory in again."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    assert td.keep_freed_cpu_memory()
+    before = libc.mallinfo2()
+    x = torch.ones(16 << 20)  # 64 MiB, above glibc's largest mmap threshold (32 MiB)
+    during = libc.mallinfo2()
+    assert during.hblkhd == before.hblkhd  # nothing newly mapped
+    assert during.uordblks - before.uordblks >= x.numel() * 4  # served from the heap
+    del x
+    after = libc.mallinfo2()
+    assert after.arena >= during.arena  # kept for reuse, not trimmed back to the OS
