@@ -93,3 +93,25 @@ def test_two_processes_stream_disjoint_shares_of_webdataset_shards(tmp_path):
     assert all(len(steps) == 3 and all(len(b) == 8 for b in steps) for steps in _indices(tmp_path / "two", 2))
     assert sorted(shares[0] + shares[1]) == list(range(48))
     assert set(shares[0]).isdisjoint(shares[1])
+
+
+def test_accelerate_launch_configs_load_and_start_every_process():
+    """Each shipped launch config parses in Accelerate (unknown keys are errors) and asks for a launcher
+    that starts all of its processes: a multi-process file saying MULTI_CPU is started as one process
+    (Accelerate expects mpirun), which is how cpu_2proc.yaml once silently trained alone."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    import modeling_declip as md
+
+    folder = os.path.join(ROOT, "configs", "accelerate")
+    expected = {"1gpu.yaml": 1, "4gpu.yaml": 4, "8gpu.yaml": 8, "2nodes_8gpu.yaml": 16, "fsdp_8gpu.yaml": 8,
+                "cpu_2proc.yaml": 2}
+    assert sorted(os.listdir(folder)) == sorted(expected)
+    for name, n in expected.items():
+        cfg = load_config_from_file(os.path.join(folder, name))
+        assert cfg.num_processes == n, name
+        if n > 1:
+            assert cfg.distributed_type.value in ("MULTI_GPU", "FSDP"), (name, cfg.distributed_type)
+        if cfg.distributed_type.value == "FSDP":  # the blocks it wraps are classes of the model
+            for cls in cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(","):
+                assert isinstance(getattr(md, cls), type), cls
