@@ -795,13 +795,16 @@ def _atomic_write(path: str, write: Callable[[str], None]):
         raise
 
 
-def save_model(model: DeCLIP, path: str, metadata: Optional[dict] = None):
+def save_model(model: DeCLIP, path: str, metadata: Optional[dict] = None,
+               state_dict: Optional[Dict[str, torch.Tensor]] = None):
     """One self-describing .safetensors file: the weights, the model config and provenance as JSON
-    metadata. Written atomically (temporary file, then rename)."""
+    metadata. Written atomically (temporary file, then rename). state_dict: the full weights when
+    the model's own are sharded (FSDP: accelerator.get_state_dict(model))."""
     from safetensors.torch import save_file
 
     model = getattr(model, "module", model)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     meta = {"format": FORMAT_TAG, "config": json.dumps(model.config.to_dict()),
             "metadata": json.dumps(metadata or {})}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -14,6 +14,7 @@ poison_manifest.json when poisoned.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -372,8 +373,26 @@ class EvalHook:
         kw = {}
         if self.plan is not None:
             kw = dict(trigger=self.plan.trigger, trigger_params=self.plan.trigger_params, target=self.plan.target)
-        return ez.evaluate(model, self.dataset, self.classnames, templates=ez.get_templates(self.args.templates),
-                           accelerator=accelerator, bf16=self.args.precision == "bf16", **kw)
+        with unsharded(model):
+            return ez.evaluate(model, self.dataset, self.classnames, templates=ez.get_templates(self.args.templates),
+                               accelerator=accelerator, bf16=self.args.precision == "bf16", **kw)
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Evaluation calls encode_image/encode_text, not the model's forward, so under FSDP2 nothing would
+    gather the parameters the root module holds (stem, attention pool, embeddings, projections):
+    gather them for the block. The wrapped blocks gather their own in their forwards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def load_base(args, image_size: int):
@@ -664,11 +683,12 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     # --- finish: state, weights, evaluation, summary
     save_state(accelerator, args.out_dir)
     summary = {"steps": run.step, "seen": run.seen, "bad_samples": run.bad, "minutes": round(run.elapsed / 60, 2)}
+    full_weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
     if main:
         meta = {"parent": args.init_from, "steps": run.step, "defense": ext.name, "seed": args.seed}
         if plan is not None:
             meta["poison"] = {k: v for k, v in plan.to_manifest().items() if k != "indices"}
-        md.save_model(raw, os.path.join(args.out_dir, "model.safetensors"), metadata=meta)
+        md.save_model(raw, os.path.join(args.out_dir, "model.safetensors"), metadata=meta, state_dict=full_weights)
     if not args.no_eval:
         raw.eval()
         res = evaluator(raw, accelerator)

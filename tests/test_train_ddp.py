@@ -15,16 +15,33 @@ import data_declip as dd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(out, nproc, batch, tmp_path, *extra):
-    """nproc 2: through the shipped launch config for two CPU processes, so that it stays correct."""
+def _fsdp_env() -> dict:
+    """The FSDP_* variables `accelerate launch` derives from configs/accelerate/fsdp_8gpu.yaml."""
+    import yaml
+
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "accelerate", "fsdp_8gpu.yaml")))["fsdp_config"]
+    env = {"ACCELERATE_USE_FSDP": "true"}
+    for key, value in cfg.items():
+        name = "FSDP_TRANSFORMER_CLS_TO_WRAP" if key == "fsdp_transformer_layer_cls_to_wrap" else key.upper()
+        env[name] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def _launch(out, nproc, batch, tmp_path, *extra, fsdp=False):
+    """nproc 2: through the shipped launch config for two CPU processes, so that it stays correct;
+    fsdp: two processes under FSDP2 with the settings of the shipped FSDP config (tests/fsdp_on_cpu.py)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    if nproc > 1:
+    script = [os.path.join(ROOT, "tests", "ddp_train_step.py"), str(out), str(batch), *extra]
+    if fsdp:
+        env.update(_fsdp_env(), ACCELERATE_USE_CPU="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               "29519", os.path.join(ROOT, "tests", "fsdp_on_cpu.py")]
+    elif nproc > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                os.path.join(ROOT, "configs", "accelerate", "cpu_2proc.yaml"), "--main_process_port", "29517"]
     else:
         cmd = [sys.executable]
-    r = subprocess.run(cmd + [os.path.join(ROOT, "tests", "ddp_train_step.py"), str(out), str(batch), *extra],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd + script, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.load(open(os.path.join(out, "config.json")))["resolved"]["world_size"] == nproc
 
@@ -62,6 +79,25 @@ def test_two_processes_train_like_one_process_with_the_concatenated_batch(tmp_pa
     # process r trained on rows r*B..(r+1)*B-1 of the one-process batch
     one, two = _indices(tmp_path / "one", 1)[0], _indices(tmp_path / "two", 2)
     assert [two[0][k] + two[1][k] for k in range(2)] == one
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(dd.fashion_mnist_dir()), reason="Fashion-MNIST not installed")
+def test_fsdp_trains_saves_and_evaluates_like_one_process(tmp_path):
+    _launch(tmp_path / "fsdp", 2, 8, tmp_path, "--holdout", "200", fsdp=True)
+    _launch(tmp_path / "one", 1, 16, tmp_path, "--holdout", "200")
+    w2, rows2, s2 = _read(tmp_path / "fsdp")
+    w1, rows1, s1 = _read(tmp_path / "one")
+    assert os.path.isdir(tmp_path / "fsdp" / "state" / "pytorch_model_fsdp_0")  # really sharded
+    for a, b in zip(rows1, rows2):
+        if "loss" in a:
+            assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    assert w1.keys() == w2.keys()  # full weights gathered into model.safetensors
+    for k in w1:
+        assert w1[k].shape == w2[k].shape and torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k
+    assert torch.allclose(s1["bank_bank"], s2["bank_bank"], atol=1e-5)
+    e1, e2 = (json.load(open(tmp_path / d / "eval.json"))["clean"] for d in ("one", "fsdp"))
+    assert e1["n"] == e2["n"] == 200 and abs(e1["top1"] - e2["top1"]) < 1e-6
 
 
 def _write_shards(root, sizes):
