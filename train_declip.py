@@ -211,6 +211,26 @@ def lr_at(step: int, args, total: int) -> float:
     return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def host_group():
+    """A process group for small host-side collectives: the default group when it is gloo (CPU),
+    else a gloo group beside NCCL, so that agreeing on a number does not wait for the GPU."""
+    import torch.distributed as dist
+
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def agree_on_batch(b: int, n_bad: int, group=None) -> tuple:
+    """(smallest local batch, bad samples of all processes) for this step: bad samples make local
+    batches shorter, and every process must contribute equal rows to the contrastive batch. One
+    collective on CPU tensors, so the step has no host synchronisation with the GPU."""
+    import torch.distributed as dist
+
+    parts = [torch.zeros(2, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, torch.tensor([b, n_bad]), group=group)
+    table = torch.stack(parts)
+    return int(table[:, 0].min()), int(table[:, 1].sum())
+
+
 def keep_freed_cpu_memory() -> bool:
     """Make glibc serve every allocation from its heap and keep freed memory for reuse.
 
@@ -573,6 +593,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     bar = tqdm(total=total, initial=run.step, disable=not main, desc=ext.name, dynamic_ncols=True)
     sums: Dict[str, torch.Tensor] = {}
     first_bad = torch.tensor(-1, device=device)
+    cpu_group = host_group() if world > 1 else None
     t_log, seen_log, last_saved = time.time(), run.seen, run.step
     micro = 0
 
@@ -587,10 +608,10 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         for batch in iterator:
             if run.step >= total:
                 break
-            run.bad += int(batch["n_bad"]) * world  # approximate across processes, exact on one
-            b = batch["images"].shape[0]
-            if world > 1:  # all processes must contribute equal rows to the gathered contrastive batch
-                b = int(accelerator.gather(torch.tensor([b], device=device)).min())
+            b, n_bad = batch["images"].shape[0], int(batch["n_bad"])
+            if world > 1:
+                b, n_bad = agree_on_batch(b, n_bad, cpu_group)
+            run.bad += n_bad
             run.seen += b * world
             if b == 0:  # every sample of this batch was bad (counted above)
                 continue
