@@ -61,10 +61,11 @@ class UserError(Exception):
     """A mistake in the user's input (flag, file, column); scripts print it as `error: ...` and exit 2."""
 
 
-def read_config(path: str, parser, sections: Sequence[str] = ()) -> dict:
+def read_config(path: str, parser, sections: Sequence[str] = (), strict: bool = False) -> dict:
     """Flag defaults from a YAML --config file: its top-level scalar keys, overridden by the first of
-    `sections` that is present (a mapping), keys read with '-' as '_'; keys that are not flags of
-    `parser` are ignored, so one file can serve several scripts."""
+    `sections` that is present (a mapping), keys read with '-' as '_'. Keys that are not flags of
+    `parser` are ignored, so one file can serve several scripts, or, with `strict` (training
+    recipes, where a misspelt key would silently change a run), refused."""
     import yaml
 
     try:
@@ -75,10 +76,14 @@ def read_config(path: str, parser, sections: Sequence[str] = ()) -> dict:
     if not isinstance(cfg, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values")
     section = next((cfg[s] for s in sections if cfg.get(s)), {})
-    merged = {**{k: v for k, v in cfg.items() if not isinstance(v, dict)},
+    merged = {**{k: v for k, v in cfg.items() if not isinstance(v, dict) or not sections},
               **(section if isinstance(section, dict) else {})}
+    merged = {k.replace("-", "_"): v for k, v in merged.items()}
     dests = {a.dest for a in parser._actions}
-    return {k.replace("-", "_"): v for k, v in merged.items() if k.replace("-", "_") in dests}
+    unknown = sorted(set(merged) - dests)
+    if strict and unknown:
+        raise UserError(f"--config {path} has unknown keys: {', '.join(unknown)}")
+    return {k: v for k, v in merged.items() if k in dests}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from functools import partial
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 import data_declip as dd
@@ -152,16 +151,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     """Parse flags; a --config YAML supplies defaults that explicit flags override."""
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        if not os.path.isfile(pre.config):
-            raise UserError(f"--config {pre.config} does not exist")
-        with open(pre.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        known = {a.dest for a in parser._actions}
-        cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise UserError(f"--config {pre.config} has unknown keys: {', '.join(unknown)}")
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**dd.read_config(pre.config, parser, strict=True))
     return parser.parse_args(argv)
 
 
