@@ -130,7 +130,9 @@ def add_run_args(p: argparse.ArgumentParser, out: str = DEFAULT_OUT):
     g.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation at the end")
     g.add_argument("--eval-data", default=None, help="class dataset for evaluation (default: Fashion-MNIST test split)")
     g.add_argument("--templates", default="80", help="prompt templates for zero-shot evaluation: 1, 8, 80 or a file")
-    g.add_argument("--report-to", default=None, choices=("tensorboard", "wandb"), help="also log to a tracker")
+    g.add_argument("--report-to", default=None, choices=("tensorboard", "wandb"),
+                   help="also log every metrics row to a tracker (needs `pip install tensorboard` or `wandb`); "
+                        "TensorBoard files go under OUT/<run name>/")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last memory format for the ResNet (default: on with CUDA)")
@@ -199,6 +201,18 @@ def lr_at(step: int, args, total: int) -> float:
         return args.warmup_init_lr + (args.lr - args.warmup_init_lr) * step / warm
     t = min(1.0, (step - warm) / max(1, sched - warm))
     return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def tracker_scalars(row: dict, prefix: str = "") -> Dict[str, float]:
+    """The numbers of a metrics row for TensorBoard / W&B, nested keys joined by '/'
+    ({'eval': {'clean': {'top1': 87.5}}} -> {'eval/clean/top1': 87.5}); the step is the x axis."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update(tracker_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+            out[prefix + k] = v
+    return out
 
 
 def host_group():
@@ -436,6 +450,13 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     from accelerate.state import AcceleratorState, GradientState
 
     ext = extension or Extension()
+    if args.report_to:  # Accelerate skips a tracker whose package is missing without a word
+        import importlib.util
+
+        packages = ("tensorboard", "tensorboardX") if args.report_to == "tensorboard" else ("wandb",)
+        if not any(importlib.util.find_spec(p) for p in packages):
+            raise UserError(f"--report-to {args.report_to}: the package is not installed; "
+                            f"pip install {packages[0]}")
     if _is_main_env():
         prepare_run_dir(args)
     # several train() calls may share a process (a defense's inline teacher, tests): the process
@@ -567,7 +588,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if args.report_to:
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+            accelerator.log(tracker_scalars(row), step=row.get("step"))
 
     # --- preemption: SIGTERM (what Slurm sends before a kill) saves state and exits
     stop = {"signal": None}

@@ -305,3 +305,36 @@ def test_cpu_training_reuses_freed_heap_memory_for_large_tensors():
     del x
     after = libc.mallinfo2()
     assert after.arena >= during.arena  # kept for reuse, not trimmed back to the OS
+
+
+@needs_fmnist
+def test_report_to_tensorboard_logs_every_metrics_row(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    td.train(_args(out, "--max-steps", "3", "--report-to", "tensorboard"))
+    runs = [os.path.join(d, "") for d, _, files in os.walk(out) if any(f.startswith("events.out") for f in files)]
+    assert len(runs) == 1 and os.path.basename(os.path.dirname(runs[0])) == "run"
+    events = EventAccumulator(runs[0])
+    events.Reload()
+    rows = [r for r in _metrics(out) if "loss" in r]
+    logged = events.Scalars("loss")
+    assert [e.step for e in logged] == [r["step"] for r in rows]
+    assert [round(e.value, 5) for e in logged] == [round(r["loss"], 5) for r in rows]
+    assert "lr" in events.Tags()["scalars"] and "step" not in events.Tags()["scalars"]
+
+
+def test_tracker_scalars_flatten_nested_metrics():
+    row = {"step": 4, "loss": 1.5, "eval": {"clean": {"top1": 87.5, "n": 100}, "backdoor": None, "name": "x"},
+           "flag": True}
+    assert td.tracker_scalars(row) == {"loss": 1.5, "eval/clean/top1": 87.5, "eval/clean/n": 100}
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_refused(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(td.UserError, match="pip install wandb"):
+        td.train(_args(tmp_path / "run", "--max-steps", "1", "--report-to", "wandb"))
