@@ -222,7 +222,7 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
         assert not os.path.exists(tmp_path / "o" / "model.safetensors")
 
 
-def test_streamed_webdataset_shards_train_and_poison(tmp_path):
+def _write_shards(tmp_path):
     import io
     import tarfile
 
@@ -236,11 +236,25 @@ def test_streamed_webdataset_shards_train_and_poison(tmp_path):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+    return str(tmp_path / "shard-{0..1}.tar")
+
+
+def test_streamed_webdataset_shards_train_and_poison(tmp_path):
     out = tmp_path / "run"
-    summary = td.train(_args(out, "--data", str(tmp_path / "shard-{0..1}.tar"), "--max-steps", "4",
+    summary = td.train(_args(out, "--data", _write_shards(tmp_path), "--max-steps", "4",
                              "--poison-count", "5", "--target-class", "tiger cat"))
     assert summary["steps"] == 4 and summary["seen"] == 64
     assert len(json.load(open(out / "poison_manifest.json"))["indices"]) == 5
+
+
+def test_streamed_training_resumes_at_the_same_sample(tmp_path):
+    flags = ["--data", _write_shards(tmp_path), "--max-steps", "5"]  # 48 pairs: crosses an epoch
+    td.train(_args(tmp_path / "full", *flags))
+    with pytest.raises(td.UserError, match="stopped by signal 15 at step 3/5"):
+        td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(2))
+    td.train(_args(tmp_path / "cut", *flags, "--resume"))
+    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
 
 
 @needs_fmnist
