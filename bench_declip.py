@@ -64,8 +64,21 @@ def _inputs(cfg, batch, device, text_len, seed=0):
     return images.to(device), tokens.to(device)
 
 
+def profile_table(step, device, steps: int = 3, rows: int = 15) -> str:
+    """The operators (or CUDA kernels) that take the most time over a few training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
 def bench_train(preset, mode, precision, batch, steps, warmup, device, text_len, augment=False,
-                channels_last=None, compile_model=False):
+                channels_last=None, compile_model=False, profile=False):
     torch.manual_seed(0)
     model = md.build_model(preset).to(device).train()
     cfg = model.config
@@ -114,6 +127,8 @@ def bench_train(preset, mode, precision, batch, steps, warmup, device, text_len,
     _sync(device)
     dt = (time.perf_counter() - t) / steps
     flops = md.estimate_flops(cfg, mode, training=True, text_len=text_len)["total"]
+    if profile:
+        print(f"-- profile: {preset} {mode} {precision}, batch {batch}\n{profile_table(step, device)}", flush=True)
     return batch / dt, flops, _peak_mem(device)
 
 
@@ -197,6 +212,8 @@ def main(argv=None):
                    help="also train the tiny CLIP built in open_clip with its own loss (CLIP mode ratio)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table / measured)")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even if a GPU is present")
+    p.add_argument("--profile", action="store_true",
+                   help="after each training measurement, print the operators/kernels that take the most time")
     p.add_argument("--default-malloc", action="store_true",
                    help="on the CPU, keep glibc's default allocator settings instead of the training loop's")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -216,7 +233,8 @@ def main(argv=None):
             ev = bench_eval(preset, prec, args.batch_size, args.steps, args.warmup, device)
             for mode in args.modes:
                 ips, flops, mem = bench_train(preset, mode, prec, args.batch_size, args.steps, args.warmup, device,
-                                              text_len, augment=args.augment, compile_model=args.compile)
+                                              text_len, augment=args.augment, compile_model=args.compile,
+                                              profile=args.profile)
                 mfu = 100 * ips * flops / (peak * 1e12)
                 row = dict(preset=preset, mode=mode, precision=prec, batch=args.batch_size, train_img_s=round(ips, 1),
                            eval_img_s=round(ev, 1), gflop_per_img=round(flops / 1e9, 3), mfu=round(mfu, 2),
