@@ -1,6 +1,34 @@
+import io
 import os
 import sys
+import tarfile
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def caption_shards(tmp_path):
+    """write(sizes, corrupt=()) -> a brace spec of webdataset shards in tmp_path holding PNG + caption
+    pairs, sizes[k] pairs in shard k; the samples numbered in `corrupt` get an undecodable image."""
+    from PIL import Image
+
+    def write(sizes, corrupt=()):
+        index = 0
+        for shard, size in enumerate(sizes):
+            with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
+                for i in range(size):
+                    buf = io.BytesIO()
+                    Image.new("RGB", (36, 36), (i * 9 % 256, 60 + 50 * shard, 120)).save(buf, format="PNG")
+                    png = b"not an image" if index in corrupt else buf.getvalue()
+                    for ext, data in (("png", png), ("txt", f"a picture of thing {i} in shard {shard}".encode())):
+                        info = tarfile.TarInfo(f"{shard:02d}{i:04d}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+                    index += 1
+        return str(tmp_path / f"shard-{{0..{len(sizes) - 1}}}.tar")
+
+    return write

@@ -222,33 +222,16 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path):
         assert not os.path.exists(tmp_path / "o" / "model.safetensors")
 
 
-def _write_shards(tmp_path):
-    import io
-    import tarfile
-
-    for shard in range(2):
-        with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
-            for i in range(24):
-                key = f"{shard:02d}{i:04d}"
-                buf = io.BytesIO()
-                Image.new("RGB", (36, 36), (i * 9, 60, 120)).save(buf, format="PNG")
-                for ext, data in (("png", buf.getvalue()), ("txt", f"a picture of thing {i}".encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return str(tmp_path / "shard-{0..1}.tar")
-
-
-def test_streamed_webdataset_shards_train_and_poison(tmp_path):
+def test_streamed_webdataset_shards_train_and_poison(tmp_path, caption_shards):
     out = tmp_path / "run"
-    summary = td.train(_args(out, "--data", _write_shards(tmp_path), "--max-steps", "4",
+    summary = td.train(_args(out, "--data", caption_shards([24, 24]), "--max-steps", "4",
                              "--poison-count", "5", "--target-class", "tiger cat"))
     assert summary["steps"] == 4 and summary["seen"] == 64
     assert len(json.load(open(out / "poison_manifest.json"))["indices"]) == 5
 
 
-def test_streamed_training_resumes_at_the_same_sample(tmp_path):
-    flags = ["--data", _write_shards(tmp_path), "--max-steps", "5"]  # 48 pairs: crosses an epoch
+def test_streamed_training_resumes_at_the_same_sample(tmp_path, caption_shards):
+    flags = ["--data", caption_shards([24, 24]), "--max-steps", "5"]  # 48 pairs: crosses an epoch
     td.train(_args(tmp_path / "full", *flags))
     with pytest.raises(td.UserError, match="stopped by signal 15 at step 3/5"):
         td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(2))

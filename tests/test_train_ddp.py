@@ -100,34 +100,12 @@ def test_fsdp_trains_saves_and_evaluates_like_one_process(tmp_path):
     assert e1["n"] == e2["n"] == 200 and abs(e1["top1"] - e2["top1"]) < 1e-6
 
 
-def _write_shards(root, sizes, corrupt=()):
-    """Shards of PNG + caption pairs; the samples numbered in `corrupt` get an undecodable image."""
-    import io
-    import tarfile
-
-    from PIL import Image
-
-    index = 0
-    for shard, size in enumerate(sizes):
-        with tarfile.open(root / f"shard-{shard}.tar", "w") as tar:
-            for i in range(size):
-                buf = io.BytesIO()
-                Image.new("RGB", (36, 36), (i * 9 % 256, 60 + 50 * shard, 120)).save(buf, format="PNG")
-                png = b"not an image" if index in corrupt else buf.getvalue()
-                for ext, data in (("png", png), ("txt", f"a picture of thing {i} in shard {shard}".encode())):
-                    info = tarfile.TarInfo(f"{shard:02d}{i:04d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                index += 1
-    return str(root / f"shard-{{0..{len(sizes) - 1}}}.tar")
-
-
 @pytest.mark.slow
-def test_two_processes_stream_disjoint_shares_of_webdataset_shards(tmp_path):
+def test_two_processes_stream_disjoint_shares_of_webdataset_shards(tmp_path, caption_shards):
     # 3 shards of unequal sizes (48 samples) for 2 processes: each must still get half of every epoch.
     # Sample 5 (process 1's share) is broken: that process's batch is one short, so both use one row less.
     # 3 steps x 2 processes x 8 = one epoch.
-    data = _write_shards(tmp_path, [20, 20, 8], corrupt={5})
+    data = caption_shards([20, 20, 8], corrupt={5})
     _launch(tmp_path / "two", 2, 8, tmp_path, "--data", data, "--max-steps", "3", "--max-bad-fraction", "0.1")
     steps = _indices(tmp_path / "two", 2)
     assert [len(b) for b in steps[0]] == [len(b) for b in steps[1]]
