@@ -1333,10 +1333,16 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([h, s, maxc], dim=1)
 
 
+def device_constant(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """A small constant on like's device and dtype. A plain torch.tensor(..., device=cuda) copies
+    synchronously, which makes the host wait for every queued GPU kernel."""
+    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
+
+
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """[N,3,H,W] HSV -> RGB, via c = v - v*s*clamp(min(k, 4-k), 0, 1) with k = (n + 6h) mod 6."""
     h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = device_constant([5.0, 3.0, 1.0], x).view(1, 3, 1, 1)
     k = torch.remainder(n + h * 6.0, 6.0)
     return v - v * s * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
@@ -1435,7 +1441,7 @@ class GpuAugment:
         """Crop boxes [B,4] of float images and resize each to size x size (roi_align, aligned)."""
         from torchvision.ops import roi_align
         rois = torch.cat([torch.arange(x.shape[0], device=x.device, dtype=x.dtype)[:, None],
-                          boxes.to(device=x.device, dtype=x.dtype)], dim=1)
+                          boxes.to(device=x.device, dtype=x.dtype, non_blocking=True)], dim=1)
         return roi_align(x, rois, (self.size, self.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
     @torch.no_grad()
@@ -1447,13 +1453,16 @@ class GpuAugment:
             return torch.empty(0, 3, self.size, self.size, device=dev)
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         x = self.crop(x, self.crop_boxes(b, height, width, generator)).clamp_(0.0, 1.0)
+        # Which rows get an operation is decided where the draws (and the poison mask) live: with a CPU
+        # generator and mask, selecting them costs the GPU no synchronisation, only index copies.
         if trigger is not None and poison_mask is not None:
-            pm = poison_mask.to(dev).bool()
-            if bool(pm.any()):
-                x[pm] = trigger(x[pm])
+            rows = poison_mask.bool().nonzero()[:, 0]
+            if rows.numel():
+                rows = rows.to(dev, non_blocking=True)
+                x[rows] = trigger(x[rows])
 
         def draw(*shape):
-            return torch.rand(*shape, generator=generator, device=gdev).to(dev)
+            return torch.rand(*shape, generator=generator, device=gdev)
 
         if self.mocov2:
             apply_j = draw(b) < 0.8
@@ -1469,16 +1478,18 @@ class GpuAugment:
                 for op in range(4):
                     rows = (apply_j & (order[:, pos] == op)).nonzero()[:, 0]
                     if rows.numel():
-                        x[rows] = _jitter_op(op, x[rows], factors[rows, op].view(-1, 1, 1, 1))
-            x = torch.where(apply_g.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+                        f = factors[rows, op].to(dev, non_blocking=True).view(-1, 1, 1, 1)
+                        rows = rows.to(dev, non_blocking=True)
+                        x[rows] = _jitter_op(op, x[rows], f)
+            x = torch.where(apply_g.to(dev, non_blocking=True).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
             rows = apply_b.nonzero()[:, 0]
             if rows.numel():
-                x[rows] = _gaussian_blur(x[rows], sigma[rows], self.blur_radius)
-        flip = draw(b) < 0.5
+                s = sigma[rows].to(dev, non_blocking=True)
+                rows = rows.to(dev, non_blocking=True)
+                x[rows] = _gaussian_blur(x[rows], s, self.blur_radius)
+        flip = draw(b).to(dev, non_blocking=True) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return (x - device_constant(self.mean, x).view(1, 3, 1, 1)) / device_constant(self.std, x).view(1, 3, 1, 1)
 
 
 @torch.no_grad()
@@ -1497,6 +1508,4 @@ def eval_transform(images: torch.Tensor, image_size: int, mean: Sequence[float] 
     x = x[..., top:top + image_size, left:left + image_size].clamp(0.0, 1.0)
     if trigger is not None:
         x = trigger(x.contiguous())
-    mean = torch.tensor(tuple(mean), device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(tuple(std), device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - device_constant(tuple(mean), x).view(1, 3, 1, 1)) / device_constant(tuple(std), x).view(1, 3, 1, 1)

@@ -283,6 +283,9 @@ class AdaptiveExtension(nad.NADExtension):
         k = b // 2 if self.adv_rows is None else min(self.adv_rows, b)  # equal on every process (equal b)
         if k <= 0:
             return inputs
+        # rows are selected and appended below: the masked positions the loop found no longer apply,
+        # so DeCLIP.forward finds them again from the labels
+        inputs = {key: v for key, v in inputs.items() if key != "mlm_index"}
         sel = torch.randperm(b, generator=generator, device=generator.device)[:k].to(inputs["images"].device)
         index = batch["index"][:b]
         if self.mode == "cache":

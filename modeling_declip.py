@@ -650,14 +650,16 @@ class DeCLIP(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, images2: Optional[torch.Tensor] = None,
                 tokens_aug: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
                 weights: Optional[LossWeights] = None, ids: Optional[torch.Tensor] = None,
-                update_bank: bool = True) -> Dict[str, torch.Tensor]:
+                update_bank: bool = True, mlm_index: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """The DeCLIP loss of spec §2 for one local batch; returns {'loss', and each term}.
 
         images/images2: two augmented views (images2 None = one view); tokens: the contrastive caption
         view (MLM-masked in DeCLIP, spec §8 item 7); tokens_aug: the EDA view (None = one text view);
         mlm_labels: targets at masked positions (-100 elsewhere); ids: optional sample ids whose
-        duplicates are masked as false negatives. Under data parallelism every term equals the one
-        computed on the concatenated global batch (BatchNorm statistics aside).
+        duplicates are masked as false negatives; mlm_index: the flat positions where mlm_labels is not
+        -100, from a caller that found them on the host (finding them here from GPU labels makes the
+        host wait for the GPU). Under data parallelism every term equals the one computed on the
+        concatenated global batch (BatchNorm statistics aside).
         """
         w = weights or LossWeights()
         views = [images] if images2 is None else [images, images2]
@@ -682,13 +684,14 @@ class DeCLIP(nn.Module):
             loss = loss + w.ss * out["ss"]
 
         if need_words:
-            sel = mlm_labels != -100
-            logits = self.text_label_predictor(words[sel])
-            ce_sum = F.cross_entropy(logits.float(), mlm_labels[sel], reduction="sum")
+            if mlm_index is None:
+                mlm_index = (mlm_labels.flatten() != -100).nonzero()[:, 0]
+            logits = self.text_label_predictor(words.flatten(0, 1)[mlm_index])
+            ce_sum = F.cross_entropy(logits.float(), mlm_labels.flatten()[mlm_index], reduction="sum")
             # mean over the masked tokens of the global batch (times world size, since data
             # parallelism averages the processes' losses); zero, not NaN, when none is masked
             _, world = _dist_world()
-            count = _all_reduce_sum(sel.sum().to(torch.float32))
+            count = _all_reduce_sum(torch.full((), float(mlm_index.numel()), device=logits.device))
             out["mlm"] = ce_sum * world / count.clamp(min=1)
             loss = loss + w.mlm * out["mlm"]
 

@@ -275,7 +275,7 @@ def _patch_mask(height: int, width: int, size: int, margin: int) -> torch.Tensor
 
 @functools.lru_cache(maxsize=64)
 def _patch_mask_on(height: int, width: int, size: int, margin: int, device: str) -> torch.Tensor:
-    return _patch_mask(height, width, size, margin).to(device)
+    return _patch_mask(height, width, size, margin).to(device, non_blocking=True)
 
 
 def _trigger_patch(x: torch.Tensor, size: int, margin: int) -> torch.Tensor:
@@ -331,7 +331,7 @@ def _trigger_patch_random(x: torch.Tensor, size, fill: str, location: str, seed:
     s = _random_patch_size({"size": size}, h, w)
     pattern = _patch_pattern(s, fill, int(seed))
     pattern = pattern[:c] if c <= 3 else pattern.mean(0, keepdim=True).expand(c, s, s)
-    pattern = pattern.to(device=x.device, dtype=x.dtype)
+    pattern = pattern.to(device=x.device, dtype=x.dtype, non_blocking=True)
     if location == "random":
         g = generator if generator is not None else _cpu_generator(int(seed) + 1)
         rows = torch.randint(0, h - s + 1, (n,), generator=g).tolist()
@@ -383,7 +383,7 @@ def _trigger_blended(x: torch.Tensor, alpha: float, seed: int, image: str | None
     n, c, h, w = x.shape
     pattern = _blend_pattern(h, w, int(seed), image)
     pattern = pattern[:c] if c <= 3 else pattern.mean(0, keepdim=True).expand(c, h, w)
-    pattern = pattern.to(device=x.device, dtype=x.dtype)
+    pattern = pattern.to(device=x.device, dtype=x.dtype, non_blocking=True)
     return ((1.0 - alpha) * x + alpha * pattern).clamp(0.0, 1.0)
 
 
@@ -405,7 +405,7 @@ def _check_blended(p: dict) -> None:
 def _trigger_sig(x: torch.Tensor, delta: float, freq: float) -> torch.Tensor:
     w = x.shape[-1]
     j = torch.arange(w, dtype=torch.float64)
-    signal = (delta * torch.sin(2.0 * math.pi * j * freq / w)).to(device=x.device, dtype=x.dtype)
+    signal = (delta * torch.sin(2.0 * math.pi * j * freq / w)).to(device=x.device, dtype=x.dtype, non_blocking=True)
     return (x + signal).clamp(0.0, 1.0)
 
 
@@ -440,7 +440,7 @@ def _wanet_grid(height: int, width: int, k: int, s: float, seed: int, grid_resca
 def _trigger_wanet(x: torch.Tensor, k: int, s: float, seed: int, grid_rescale: float) -> torch.Tensor:
     n, c, h, w = x.shape
     grid = _wanet_grid(h, w, int(k), float(s), int(seed), float(grid_rescale))
-    grid = grid.to(device=x.device, dtype=x.dtype).expand(n, h, w, 2)
+    grid = grid.to(device=x.device, dtype=x.dtype, non_blocking=True).expand(n, h, w, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True).clamp(0, 1)
 
 

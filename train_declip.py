@@ -259,7 +259,8 @@ def keep_freed_cpu_memory() -> bool:
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     """Augmentation and masking randomness of one step: a function of (seed, step, rank) only,
-    so a resumed run draws exactly what the uninterrupted run drew."""
+    so a resumed run draws exactly what the uninterrupted run drew. The loop draws on the CPU
+    (device "cpu"): the same views and masks on every device, and no GPU synchronisation."""
     g = torch.Generator(device=device)
     g.manual_seed(dd._int_seed(seed, "step", step, rank))
     return g
@@ -628,17 +629,22 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
                 continue
             if run.seen + run.bad >= 1000:  # judge the fraction once it means something
                 check_bad_fraction(run, args)
-            g = step_generator(args.seed, run.step * args.grad_accum + micro, rank, device)
+            # the step's random decisions are drawn on the host (a CPU generator, masks on the CPU
+            # tokens): the GPU gets index and token copies and never makes the host wait
+            g = step_generator(args.seed, run.step * args.grad_accum + micro, rank, "cpu")
             images = batch["images"][:b].to(device, non_blocking=True)
-            poisoned = batch["poisoned"][:b].to(device)
+            poisoned = batch["poisoned"][:b]
             v1 = augment(images, g, trigger, poisoned)
-            tokens = batch["tokens"][:b].to(device)
-            inputs = dict(images=v1, tokens=tokens, weights=weights)
+            tokens = batch["tokens"][:b]
+            inputs = dict(images=v1, tokens=tokens.to(device, non_blocking=True), weights=weights)
             if declip:
                 inputs["images2"] = augment(images, g, trigger, poisoned)
-                inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device)
+                inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
                 if weights.mlm > 0:
-                    inputs["tokens"], inputs["mlm_labels"] = dd.mask_tokens(tokens, g, args.mlm_prob)
+                    masked, labels = dd.mask_tokens(tokens, g, args.mlm_prob)
+                    inputs.update(tokens=masked.to(device, non_blocking=True),
+                                  mlm_labels=labels.to(device, non_blocking=True),
+                                  mlm_index=(labels.flatten() != -100).nonzero()[:, 0].to(device, non_blocking=True))
             if channels_last and cfg.vision == "resnet":
                 for k in ("images", "images2"):
                     if k in inputs:
@@ -665,7 +671,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
             raw.clamp_logit_scale_(args.logit_scale_min, args.logit_scale_max)
             run.step += 1
             bad_now = ~torch.isfinite(out["loss"].detach())
-            first_bad = torch.where(bad_now & (first_bad < 0), torch.tensor(run.step, device=device), first_bad)
+            first_bad = torch.where(bad_now & (first_bad < 0), torch.full_like(first_bad, run.step), first_bad)
             for k, v in out.items():
                 if k != "logit_scale" and v is not None:
                     sums[k] = sums.get(k, 0) + v.detach().float()

@@ -61,3 +61,33 @@ def test_training_loop_runs_on_the_gpu(tmp_path):
     assert summary["steps"] == 20 and summary["eval"]["clean"]["n"] == 10000
     model = md.load_model(str(tmp_path / "run" / "model.safetensors"), device="cuda")
     assert next(model.parameters()).is_cuda
+
+
+class _NoSyncWindow(td.Extension):
+    """Turns CUDA's sync debug mode to "error" from the middle of step 2 (after its inputs are built)
+    to the middle of step 3: everything a step does in between (forward, loss, backward, optimizer,
+    clamp, metrics, then the next batch, views, masking and transfers) must not make the host wait."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def extend_batch(self, inputs, batch, generator):
+        if self.calls == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        elif self.calls == 2:
+            torch.cuda.set_sync_debug_mode("default")
+        self.calls += 1
+        return inputs
+
+
+@cuda
+@pytest.mark.skipif(not os.path.isdir(dd.fashion_mnist_dir()), reason="Fashion-MNIST not available")
+def test_a_poisoned_declip_training_step_never_waits_for_the_gpu(tmp_path):
+    args = td.parse_args(td.build_parser(), ["--out-dir", str(tmp_path / "run"), "--max-steps", "4",
+                                             "--batch-size", "64", "--log-every", "100", "--no-eval",
+                                             "--poison-rate", "0.05"])
+    try:
+        summary = td.train(args, _NoSyncWindow())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert summary["steps"] == 4

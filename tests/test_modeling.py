@@ -360,3 +360,25 @@ def test_flop_estimate_matches_hand_counts():
     declip = md.estimate_flops(cfg, "declip", training=True)
     assert declip["image"] == 6 * clip["image"] and declip["text"] == 6 * clip["text"]
     assert declip["total"] == declip["image"] + declip["text"] + declip["heads"]
+
+
+def test_mlm_positions_given_by_the_caller_give_the_same_loss_and_gradients():
+    """The training loop finds the masked positions on the host and passes them (no GPU sync);
+    the result must equal the positions found from the labels."""
+    import data_declip as dd
+
+    torch.manual_seed(0)
+    model = _small_rn().train()
+    tok = _tokens(6, 16)
+    masked, labels = dd.mask_tokens(tok, torch.Generator().manual_seed(3), 0.3)
+    assert (labels != -100).sum() > 0
+    images, images2 = torch.randn(6, 3, 64, 64), torch.randn(6, 3, 64, 64)
+    runs = []
+    for index in (None, (labels.flatten() != -100).nonzero()[:, 0]):
+        model.zero_grad()
+        bank = model.nn_bank.bank_state()
+        out = model(images, masked, images2, tok, labels, mlm_index=index)
+        out["loss"].backward()
+        model.nn_bank.load_bank_state(bank)
+        runs.append((out["mlm"].detach(), model.text_label_predictor.weight.grad.clone()))
+    assert runs[0][0] > 0 and torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
