@@ -156,8 +156,9 @@ class CropResizeCorrupt(dd.GpuAugment):
             rows, noise = self._noise
             self._noise = None
             if rows.numel():
-                rows = rows.to(out.device)
-                out[rows] = (out[rows].clamp(0.0, 1.0) + noise.to(out.device, out.dtype)).clamp_(0.0, 1.0)
+                rows = rows.to(out.device, non_blocking=True)
+                noise = noise.to(out.device, out.dtype, non_blocking=True)
+                out[rows] = (out[rows].clamp(0.0, 1.0) + noise).clamp_(0.0, 1.0)
         return out
 
 
