@@ -636,15 +636,15 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
             poisoned = batch["poisoned"][:b]
             v1 = augment(images, g, trigger, poisoned)
             tokens = batch["tokens"][:b]
-            inputs = dict(images=v1, tokens=tokens.to(device, non_blocking=True), weights=weights)
+            inputs = dict(images=v1, weights=weights)
             if declip:
                 inputs["images2"] = augment(images, g, trigger, poisoned)
                 inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
                 if weights.mlm > 0:
-                    masked, labels = dd.mask_tokens(tokens, g, args.mlm_prob)
-                    inputs.update(tokens=masked.to(device, non_blocking=True),
-                                  mlm_labels=labels.to(device, non_blocking=True),
+                    tokens, labels = dd.mask_tokens(tokens, g, args.mlm_prob)
+                    inputs.update(mlm_labels=labels.to(device, non_blocking=True),
                                   mlm_index=(labels.flatten() != -100).nonzero()[:, 0].to(device, non_blocking=True))
+            inputs["tokens"] = tokens.to(device, non_blocking=True)
             if channels_last and cfg.vision == "resnet":
                 for k in ("images", "images2"):
                     if k in inputs:
