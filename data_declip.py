@@ -1365,16 +1365,21 @@ def _jitter_op(op: int, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma per row (reflect padding): two depthwise convolutions,
-    every (row, channel) its own group. 3.8x faster than shifted weighted sums at 224 px on the CPU."""
-    n, c, h, w = x.shape
+    """Separable Gaussian blur with one sigma per row (reflect padding), as shifted weighted sums."""
     offs = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (offs[None, :] / sigma[:, None]) ** 2)
-    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [n*c, 2r+1]
-    y = x.reshape(1, n * c, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=n * c)
-    return y.reshape(n, c, h, w)
+    w = torch.exp(-0.5 * (offs[None, :] / sigma[:, None]) ** 2)
+    w = w / w.sum(dim=1, keepdim=True)  # [n, 2r+1]
+    size = x.shape[-1]
+    out = x
+    for dim in (3, 2):
+        pad = (radius, radius, 0, 0) if dim == 3 else (0, 0, radius, radius)
+        p = F.pad(out, pad, mode="reflect")
+        acc = torch.zeros_like(out)
+        for k in range(2 * radius + 1):
+            sl = p.narrow(dim, k, size if dim == 3 else out.shape[2])
+            acc.add_(sl * w[:, k].view(-1, 1, 1, 1))
+        out = acc
+    return out
 
 
 class GpuAugment:
