@@ -648,9 +648,11 @@ def test_gpu_augment_colour_ops_match_torchvision():
     assert torch.allclose(D._jitter_op(2, x, f), TF.adjust_saturation(x, 1.3), atol=1e-5)
     assert torch.allclose(D._jitter_op(3, x, torch.full((4, 1, 1, 1), 0.07)), TF.adjust_hue(x, 0.07), atol=1e-4)
     assert torch.allclose(D.hsv_to_rgb(D.rgb_to_hsv(x)), x, atol=1e-5)
-    blurred = D._gaussian_blur(x, torch.tensor([0.8] * 4), 3)
-    ref = TF.gaussian_blur(x, kernel_size=7, sigma=0.8)
-    assert torch.allclose(blurred, ref, atol=1e-5)
+    sigmas = [0.8, 0.3, 1.5, 2.0]  # one per image
+    blurred = D._gaussian_blur(x, torch.tensor(sigmas), 3)
+    for i, sigma in enumerate(sigmas):
+        ref = TF.gaussian_blur(x[i:i + 1], kernel_size=7, sigma=sigma)
+        assert torch.allclose(blurred[i:i + 1], ref, atol=1e-5), sigma
 
 
 def test_eval_transform_resizes_and_applies_trigger():
