@@ -1339,6 +1339,11 @@ def device_constant(values: Sequence[float], like: torch.Tensor) -> torch.Tensor
     return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)
 
 
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Per-channel (x - mean) / std of float [B,3,H,W] images."""
+    return (x - device_constant(tuple(mean), x).view(1, 3, 1, 1)) / device_constant(tuple(std), x).view(1, 3, 1, 1)
+
+
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """[N,3,H,W] HSV -> RGB, via c = v - v*s*clamp(min(k, 4-k), 0, 1) with k = (n + 6h) mod 6."""
     h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
@@ -1489,7 +1494,7 @@ class GpuAugment:
                 x[rows] = _gaussian_blur(x[rows], s, self.blur_radius)
         flip = draw(b).to(dev, non_blocking=True) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return (x - device_constant(self.mean, x).view(1, 3, 1, 1)) / device_constant(self.std, x).view(1, 3, 1, 1)
+        return normalize(x, self.mean, self.std)
 
 
 @torch.no_grad()
@@ -1508,4 +1513,4 @@ def eval_transform(images: torch.Tensor, image_size: int, mean: Sequence[float] 
     x = x[..., top:top + image_size, left:left + image_size].clamp(0.0, 1.0)
     if trigger is not None:
         x = trigger(x.contiguous())
-    return (x - device_constant(tuple(mean), x).view(1, 3, 1, 1)) / device_constant(tuple(std), x).view(1, 3, 1, 1)
+    return normalize(x, mean, std)
