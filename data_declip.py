@@ -447,6 +447,43 @@ def eda(caption: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
+def eda_random_insertion(words: list[str], rng: random.Random) -> list[str]:
+    """Insert a synonym of a random word (up to 10 draws to find one with synonyms) at a random position."""
+    words = list(words)
+    for _ in range(10):
+        syns = wordnet_synonyms(words[rng.randrange(len(words))]) if _wordnet() is not None else ()
+        if syns:
+            words.insert(rng.randrange(len(words)), rng.choice(syns))
+            break
+    return words
+
+
+def eda_cleanclip(caption: str, rng: random.Random) -> str:
+    """CleanCLIP's caption view: Wei & Zou's EDA with num_aug=1 (CleanCLIP utils/eda.py), i.e. one of
+    synonym replacement, random insertion, random swap (each n = max(1, 10 % of the words) times) and
+    random deletion (p 0.1), chosen uniformly, on the caption lower-cased to letters and spaces.
+    (Repeated synonym replacements may pick the same word; they coincide for captions under 20 words.)"""
+    words = _re.sub(r"[^a-z ]", " ", caption.lower().replace("'", "").replace("’", "")).split()
+    if not words:
+        return caption
+    n = max(1, int(0.1 * len(words)))
+    op = rng.randrange(4)
+    for _ in range(n if op < 3 else 1):
+        if op == 0:
+            words = eda_synonym_replacement(words, rng)
+        elif op == 1:
+            words = eda_random_insertion(words, rng)
+        elif op == 2:
+            words = eda_random_swap(words, rng)
+        else:
+            words = eda_random_deletion(words, rng, 0.1)
+    return _re.sub(r"[^a-z ]", " ", " ".join(words)).strip()
+
+
+# the second caption view of a training item, by name
+TEXT_AUGS = {"declip": eda, "cleanclip": eda_cleanclip}
+
+
 # --------------------------------------------------------------------------------------------------
 # Image decoding
 # --------------------------------------------------------------------------------------------------
@@ -1177,9 +1214,11 @@ def _int_seed(*parts) -> int:
 class _PairMaker:
     """Shared logic of TrainPairs and TrainPairsIterable: base item + poison + EDA -> training item."""
 
-    def __init__(self, seed: int, context_length: int, poison, eda: bool, mlm_prob: float):
+    def __init__(self, seed: int, context_length: int, poison, eda, mlm_prob: float):
         self.seed, self.context_length, self.poison = seed, context_length, poison
         self.eda, self.mlm_prob = eda, mlm_prob
+        # eda: the second caption view's function (text, rng) -> text; True = DeCLIP's EDA, False/None = none
+        self.text_aug = TEXT_AUGS["declip"] if eda is True else (eda or None)
 
     def make(self, item: Optional[dict], i: int, v: int) -> Optional[dict]:
         if item is None or item.get("image") is None or not item.get("caption"):
@@ -1189,7 +1228,7 @@ class _PairMaker:
         poisoned = bool(self.poison is not None and self.poison.is_poisoned(i))
         if poisoned:
             text = self.poison.caption(i, text, rng)
-        text_aug = eda(text, rng) if self.eda else text
+        text_aug = self.text_aug(text, rng) if self.text_aug else text
         return dict(image=item["image"], text=text, text_aug=text_aug, index=i, poisoned=poisoned)
 
 

@@ -7,7 +7,8 @@ Three parts, on top of the training loop of train_declip.py:
 
 (A) Adversarial images made with MI-FGSM against the frozen teacher (the FT model; same teacher flags
     as defend_nad.py) in eval mode, maximising the teacher's DeCLIP loss (no memory-bank update; the
-    step's MLM and EDA text views as given), on the normalised input. Per sample and channel,
+    step's MLM and EDA text views as given; the NN term against the memory bank the teacher was trained
+    with, read from its run's state/, or left out for a bare model file), on the normalised input. Per sample and channel,
     lb/ub = min/max of x0 over H x W, eps = --adv-eps (ub - lb), alpha = --adv-alpha (ub - lb); momentum
     --adv-decay, --adv-steps iterations; the gradient is divided by its mean |.| per sample. Only the
     input gets a gradient (the teacher's parameters have requires_grad False: spec §8 item 12).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 from typing import Callable, List, Optional, Sequence
 
@@ -84,10 +86,14 @@ def mi_fgsm(loss_fn: Callable[..., torch.Tensor], views: Sequence[torch.Tensor],
     return list(x.detach().split(c, dim=1))
 
 
-def teacher_loss_fn(teacher: md.DeCLIP, inputs: dict, autocast=None) -> Callable[..., torch.Tensor]:
-    """The teacher's DeCLIP loss on given image views, with `inputs`' text views, MLM labels, weights
-    and ids; eval mode and update_bank=False make it a deterministic function of the images."""
+def teacher_loss_fn(teacher: md.DeCLIP, inputs: dict, autocast=None,
+                    weights: Optional[md.LossWeights] = None) -> Callable[..., torch.Tensor]:
+    """The teacher's DeCLIP loss on given image views, with `inputs`' text views, MLM labels and ids,
+    and `weights` (default: inputs'); eval mode and update_bank=False make it a deterministic function
+    of the images."""
     kw = {k: v for k, v in inputs.items() if k not in ("images", "images2")}
+    if weights is not None:
+        kw["weights"] = weights
 
     def fn(*views):
         images2 = views[1] if len(views) > 1 else None
@@ -166,13 +172,6 @@ class CropResizeCorrupt(dd.GpuAugment):
 # (C) Training on clean + adversarial rows
 
 
-def loss_weights(args) -> md.LossWeights:
-    """The loss weights train() uses for these flags."""
-    if args.mode != "declip":
-        return md.LossWeights.clip_only()
-    return md.LossWeights(clip=args.w_clip, ss=args.w_ss, mlm=args.w_mlm, nn=args.w_nn)
-
-
 def append_rows(inputs: dict, sel: torch.Tensor, adv_views: Sequence[torch.Tensor], index: torch.Tensor,
                 mask_duplicates: bool = True) -> dict:
     """Append adversarial rows for the batch rows `sel`: image views, duplicated text views and MLM labels,
@@ -209,9 +208,27 @@ class AdaptiveExtension(nad.NADExtension):
         cfg = model.config
         self.augment = CropResizeCorrupt(cfg.image_size, cfg.image_mean, cfg.image_std)
         self.cfg, self.autocast = cfg, accelerator.autocast
-        args.adv_resolved = {"mode": self.mode, **self.attack, "mask_duplicates": self.mask_duplicates}
+        self.attack_weights, bank_source = self._attack_weights(args)
+        if accelerator.is_main_process:
+            print(f"adaptive: the attack's nearest-neighbour term: {bank_source}")
+        args.adv_resolved = {"mode": self.mode, **self.attack, "mask_duplicates": self.mask_duplicates,
+                             "attack_nn_bank": bank_source}
         if self.mode == "cache":
             self.cache = self._load_or_build_cache(accelerator, args, dataset)
+
+    def _attack_weights(self, args):
+        """The attacked loss's weights and where its NN term's memory bank comes from: the bank the
+        teacher was trained with (its run's state/), or, for a bare model file, no NN term (a model file
+        holds no bank, and a random one would make the term noise)."""
+        weights = self.loss_weights(args)
+        if weights.nn == 0:
+            return weights, "off (not in the objective)"
+        bank = td.read_memory_bank(self.teacher_path)
+        if bank is not None and bank["bank"].shape == self.teacher.nn_bank.bank.shape:
+            self.teacher.nn_bank.load_bank_state(bank)
+            return weights, f"the teacher's trained memory bank ({td.state_dir(os.path.dirname(os.path.abspath(self.teacher_path)))})"
+        return dataclasses.replace(weights, nn=0.0), \
+            f"left out: {self.teacher_path} has no run state with its memory bank beside it"
 
     # -- the cache pass (before training)
     def _cache_meta(self, args, n: int) -> dict:
@@ -245,7 +262,7 @@ class AdaptiveExtension(nad.NADExtension):
 
         device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
         cfg, declip = self.cfg, args.mode == "declip"
-        weights = loss_weights(args)
+        weights = self.attack_weights
         pairs = dd.TrainPairs(subset, seed=args.seed, context_length=cfg.context_length, eda=declip and not args.no_eda)
         n = len(pairs)
         per = -(-n // world)
@@ -271,7 +288,7 @@ class AdaptiveExtension(nad.NADExtension):
                 if weights.mlm > 0:
                     inputs["tokens"], inputs["mlm_labels"] = dd.mask_tokens(inputs["tokens"], g, args.mlm_prob)
             views = [x0, x0] if declip else [x0]  # the original's two identical eval views; view 1 is kept
-            adv = mi_fgsm(teacher_loss_fn(self.teacher, inputs, self.autocast), views, **self.attack)[0]
+            adv = mi_fgsm(teacher_loss_fn(self.teacher, inputs, self.autocast, weights), views, **self.attack)[0]
             u8 = to_uint8(adv, imgs, cfg.image_mean, cfg.image_std)
             if world > 1:
                 u8 = accelerator.gather(u8)
@@ -300,7 +317,8 @@ class AdaptiveExtension(nad.NADExtension):
         else:
             sub = {key: (v[sel] if torch.is_tensor(v) else v) for key, v in inputs.items()}
             clean = [sub[key] for key in ("images", "images2") if sub.get(key) is not None]
-            views = mi_fgsm(teacher_loss_fn(self.teacher, sub, self.autocast), clean, **self.attack)
+            views = mi_fgsm(teacher_loss_fn(self.teacher, sub, self.autocast, self.attack_weights), clean,
+                            **self.attack)
         out = append_rows(inputs, sel, views, index, self.mask_duplicates)
         x = inputs["images"]
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):

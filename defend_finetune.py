@@ -3,35 +3,84 @@
     accelerate launch defend_finetune.py --ckpt runs/victim                       # FT -> runs/ft
     accelerate launch defend_finetune.py --ckpt runs/victim --method cleanclip    # -> runs/cleanclip
 
-FT continues training the poisoned model on a small clean set with the DeCLIP loss. CleanCLIP
-replaces the objective by the multimodal InfoNCE plus unimodal self-supervision: image vs. its
-second augmented view and caption vs. its EDA-augmented version, each an in-modal InfoNCE, which
-weakens the spurious trigger-target alignment learnt from poisoned pairs. Both are the training
-loop of train_declip.py with other loss weights; the clean set is the victim's training data
-minus its poisoned pairs (a random --clean-fraction), or --clean-data.
+FT continues training the poisoned model on a small clean set with the DeCLIP loss (or the victim's
+--mode). CleanCLIP (as its official code, nishadsinghi/CleanCLIP src/train.py, computes it) replaces
+the objective, whatever the victim's mode, by
+
+    --clip-weight * L_cross + --inmodal-weight * (L_img + L_txt) / 2      (both weights 1 by default)
+
+L_cross: the symmetric CLIP InfoNCE (halved) of the original images (resized and centre-cropped, no
+random augmentation) and their unmasked captions; L_img: one-way InfoNCE of each image against its
+AutoAugment copy (torchvision's ImageNet policy); L_txt: the same for each caption against its EDA copy
+(one of synonym replacement, insertion, swap or deletion). The clean set is the victim's training data
+minus its poisoned pairs (a random --clean-fraction), or --clean-data. Differences from the official
+code: the EDA caption is drawn anew at each load (the official code draws it once per caption), and
+the log logit scale keeps this loop's clamp (--logit-scale-min/max) instead of CleanCLIP's [0, ln 100].
 """
 
 from __future__ import annotations
 
+import torch
+
+import data_declip as dd
+import modeling_declip as md
 import train_declip as td
 
 OUT = {"ft": "runs/ft", "cleanclip": "runs/cleanclip"}
 
 
 class FineTune(td.Extension):
-    def __init__(self, method: str):
-        self.name = method
+    """FT: the training loop as it is, on the clean set."""
+
+    name = "ft"
+
+
+class CleanCLIP(td.Extension):
+    """CleanCLIP's views and objective (DeCLIP.forward objective "cleanclip") on the training loop."""
+
+    name = "cleanclip"
+
+    def __init__(self, clip_weight: float = 1.0, inmodal_weight: float = 1.0):
+        self.weights = md.LossWeights(clip=clip_weight, ss=0.0, mlm=0.0, nn=0.0, inmodal=inmodal_weight)
+
+    def loss_weights(self, args) -> md.LossWeights:
+        return self.weights
+
+    def text_aug(self, args):
+        return dd.eda_cleanclip
+
+    def setup(self, accelerator, model, args, dataset):
+        from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+
+        self.cfg, self.device = model.config, accelerator.device
+        self.autoaugment = AutoAugment(AutoAugmentPolicy.IMAGENET)
+
+    def augmented(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """AutoAugment each uint8 image on its own (one policy per image, as the official per-file
+        augmentation), drawing from a seed taken from the step's generator."""
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.stack([self.autoaugment(x) for x in images])
+
+    def make_inputs(self, batch: dict, b: int, generator: torch.Generator, views) -> dict:
+        cfg, dev = self.cfg, self.device
+        images = batch["images"][:b]
+        view = lambda x: dd.eval_transform(x.to(dev, non_blocking=True), cfg.image_size, cfg.image_mean, cfg.image_std)
+        return dict(images=view(images), images2=view(self.augmented(images, generator)),
+                    tokens=batch["tokens"][:b].to(dev, non_blocking=True),
+                    tokens_aug=batch["tokens_aug"][:b].to(dev, non_blocking=True),
+                    weights=self.weights, objective="cleanclip")
 
 
 def build_parser():
     p = td.build_defense_parser(__doc__, out=None, lr=1e-4, epochs=10.0)
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--method", choices=("ft", "cleanclip"), default="ft",
-                   help="ft: the DeCLIP loss (default); cleanclip: multimodal + unimodal InfoNCE")
-    g.add_argument("--w-img-inmodal", type=float, default=None,
-                   help="CleanCLIP: weight of the image-image InfoNCE (default 1 with --method cleanclip)")
-    g.add_argument("--w-txt-inmodal", type=float, default=None,
-                   help="CleanCLIP: weight of the text-text InfoNCE (default 1 with --method cleanclip)")
+                   help="ft: the victim's training loss (default); cleanclip: CleanCLIP's multimodal + unimodal loss")
+    g.add_argument("--clip-weight", type=float, default=1.0, help="CleanCLIP: weight of the multimodal InfoNCE")
+    g.add_argument("--inmodal-weight", type=float, default=1.0,
+                   help="CleanCLIP: weight of the unimodal term (L_img + L_txt) / 2")
     return p
 
 
@@ -39,13 +88,8 @@ def main(argv=None):
     args = td.parse_args(build_parser(), argv)
     if args.out_dir is None:
         args.out_dir = OUT[args.method]
-    if args.method == "cleanclip":
-        # CleanCLIP's objective: lambda1 * multimodal + lambda2 * unimodal, lambda1 = lambda2 = 1
-        # (Bansal et al. 2023, section 4); the captions are not MLM-masked.
-        args.w_clip, args.w_ss, args.w_mlm, args.w_nn = 1.0, 0.0, 0.0, 0.0
-        args.w_img_inmodal = 1.0 if args.w_img_inmodal is None else args.w_img_inmodal
-        args.w_txt_inmodal = 1.0 if args.w_txt_inmodal is None else args.w_txt_inmodal
-    td.run_defense(args, FineTune(args.method))
+    ext = CleanCLIP(args.clip_weight, args.inmodal_weight) if args.method == "cleanclip" else FineTune()
+    td.run_defense(args, ext)
 
 
 if __name__ == "__main__":

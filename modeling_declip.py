@@ -534,14 +534,13 @@ def info_nce(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, ids: Optiona
 @dataclass
 class LossWeights:
     """Weights of the objective's terms. DeCLIP defaults: spec §2.5. CLIP mode = clip only.
-    `img_inmodal`/`txt_inmodal` are CleanCLIP's unimodal InfoNCE terms (Bansal et al., ICCV 2023)."""
+    `inmodal` weighs CleanCLIP's unimodal term (objective "cleanclip" of DeCLIP.forward)."""
 
     clip: float = 0.4
     ss: float = 0.2
     mlm: float = 0.2
     nn: float = 0.2
-    img_inmodal: float = 0.0
-    txt_inmodal: float = 0.0
+    inmodal: float = 0.0
 
     @classmethod
     def clip_only(cls) -> "LossWeights":
@@ -650,7 +649,8 @@ class DeCLIP(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, images2: Optional[torch.Tensor] = None,
                 tokens_aug: Optional[torch.Tensor] = None, mlm_labels: Optional[torch.Tensor] = None,
                 weights: Optional[LossWeights] = None, ids: Optional[torch.Tensor] = None,
-                update_bank: bool = True, mlm_index: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                update_bank: bool = True, mlm_index: Optional[torch.Tensor] = None,
+                objective: str = "declip") -> Dict[str, torch.Tensor]:
         """The DeCLIP loss of spec §2 for one local batch; returns {'loss', and each term}.
 
         images/images2: two augmented views (images2 None = one view); tokens: the contrastive caption
@@ -660,8 +660,12 @@ class DeCLIP(nn.Module):
         -100, from a caller that found them on the host (finding them here from GPU labels makes the
         host wait for the GPU). Under data parallelism every term equals the one computed on the
         concatenated global batch (BatchNorm statistics aside).
+        objective "cleanclip": CleanCLIP's loss instead (see `cleanclip_loss`); images2 and tokens_aug
+        are then the augmented copies of images and tokens.
         """
         w = weights or LossWeights()
+        if objective == "cleanclip":
+            return self.cleanclip_loss(images, images2, tokens, tokens_aug, w, ids)
         views = [images] if images2 is None else [images, images2]
         feats = [self.encode_image(v) for v in views]
         need_words = mlm_labels is not None and w.mlm > 0
@@ -710,14 +714,27 @@ class DeCLIP(nn.Module):
                 for x in reversed(t_hat):  # EDA view first, then the MLM view (spec §1.6)
                     self.nn_bank.enqueue(gather_features(x.detach(), with_grad=False))
 
-        if w.img_inmodal > 0 and len(f_hat) == 2:
-            out["img_inmodal"] = info_nce(f_hat[0], f_hat[1], scale, ids)
-            loss = loss + w.img_inmodal * out["img_inmodal"]
-        if w.txt_inmodal > 0 and len(t_hat) == 2:
-            out["txt_inmodal"] = info_nce(t_hat[0], t_hat[1], scale, ids)
-            loss = loss + w.txt_inmodal * out["txt_inmodal"]
-
         out["loss"] = loss
+        out["logit_scale"] = scale.detach()
+        return out
+
+    def cleanclip_loss(self, images, images_aug, tokens, tokens_aug, w: LossWeights,
+                       ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """CleanCLIP (Bansal et al., ICCV 2023; official src/train.py get_loss): w.clip * L_cross +
+        w.inmodal * (L_img + L_txt) / 2. L_cross: symmetric InfoNCE of the original images and captions,
+        halved; L_img and L_txt: one-way InfoNCE whose rows are the originals and whose columns are
+        their augmented copies. The augmented copies never enter L_cross."""
+        f = self.encode_image(torch.cat([images, images_aug]))  # one pass: BatchNorm sees both, as in CleanCLIP
+        t = self.text(torch.cat([tokens, tokens_aug]))
+        f = f / f.norm(dim=1, keepdim=True)
+        t = t / (t.norm(dim=1, keepdim=True) + 1e-10)
+        (f, f_aug), (t, t_aug) = f.chunk(2), t.chunk(2)
+        scale = clamp_scale(self.logit_scale).squeeze()
+        out = {"clip": info_nce(f, t, scale, ids),
+               "img_inmodal": info_nce(f, f_aug, scale, symmetric=False),
+               "txt_inmodal": info_nce(t, t_aug, scale, symmetric=False)}
+        out["inmodal"] = 0.5 * (out["img_inmodal"] + out["txt_inmodal"])
+        out["loss"] = w.clip * out["clip"] + w.inmodal * out["inmodal"]
         out["logit_scale"] = scale.detach()
         return out
 

@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -164,23 +164,38 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
 class Extension:
     """What a defense adds to the training loop, without copying it.
 
+    - `loss_weights(args)`: the objective's weights (default: DeCLIP's from the flags, or CLIP mode's).
+    - `text_aug(args)`: the function making each item's second caption view (default: DeCLIP's EDA in
+      DeCLIP mode, none in CLIP mode).
     - `setup(accelerator, model, args, dataset)`: after the model is prepared (build a teacher, caches);
       dataset: the training pairs' dataset (a defense's clean subset).
     - `tap_names(model)`: student activations to record during the loss forward (e.g. ResNet stages).
     - `augment`: replace the MoCo-v2 GpuAugment (e.g. the adaptive defense's CropResizeCorrupt views).
-    - `extend_batch(inputs, batch, generator)`: change the model inputs (e.g. append adversarial rows);
-      `inputs` is the dict of DeCLIP.forward keyword arguments.
+    - `make_inputs(batch, b, generator, views)`: the DeCLIP.forward keyword arguments of a step;
+      `views(batch, b, generator)` builds the loop's own (MoCo-v2 image views, MLM-masked caption).
+    - `extend_batch(inputs, batch, generator)`: change the model inputs (e.g. append adversarial rows).
     - `extra_loss(model, inputs, taps)`: weighted terms added to the loss, returned by name.
     """
 
     name = "train"
     augment = None
 
+    def loss_weights(self, args) -> md.LossWeights:
+        if args.mode != "declip":
+            return md.LossWeights.clip_only()
+        return md.LossWeights(clip=args.w_clip, ss=args.w_ss, mlm=args.w_mlm, nn=args.w_nn)
+
+    def text_aug(self, args) -> Optional[Callable]:
+        return dd.eda if args.mode == "declip" and not args.no_eda else None
+
     def setup(self, accelerator, model, args, dataset):
         pass
 
     def tap_names(self, model) -> List[str]:
         return []
+
+    def make_inputs(self, batch: dict, b: int, generator: torch.Generator, views: Callable) -> dict:
+        return views(batch, b, generator)
 
     def extend_batch(self, inputs: dict, batch: dict, generator: torch.Generator) -> dict:
         return inputs
@@ -369,6 +384,16 @@ def state_dir(out_dir: str) -> str:
     return cur if os.path.isdir(cur) else os.path.join(out_dir, "state.old")
 
 
+def read_memory_bank(weights: str) -> Optional[dict]:
+    """The NN memory bank ({'bank', 'ptr'}) of the run that wrote the model file `weights`, from the
+    run's state/ beside it (the bank is not in model files), or None when there is none."""
+    path = os.path.join(state_dir(os.path.dirname(os.path.abspath(weights))), "custom_checkpoint_0.pkl")
+    if not os.path.isfile(path):
+        return None
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return {"bank": sd["bank_bank"], "ptr": sd["bank_ptr"]} if "bank_bank" in sd else None
+
+
 class EvalHook:
     """Zero-shot clean accuracy, and ASR when a trigger and target are known (`plan`: anything with
     trigger, trigger_params and target, e.g. a PoisonPlan). Evaluates on the held-out training pairs
@@ -488,11 +513,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         if t is not None:
             t.grad_checkpointing = bool(args.grad_checkpointing)
     declip = args.mode == "declip"
-    weights = md.LossWeights(clip=args.w_clip, ss=args.w_ss, mlm=args.w_mlm, nn=args.w_nn) if declip \
-        else md.LossWeights.clip_only()
-    for extra in ("img_inmodal", "txt_inmodal"):
-        if getattr(args, "w_" + extra, 0):
-            setattr(weights, extra, getattr(args, "w_" + extra))
+    weights = ext.loss_weights(args)
     # heads whose term is off get no gradient: freeze them so DDP does not wait for them
     model.projector.requires_grad_(weights.ss > 0)
     model.predictor.requires_grad_(weights.ss > 0)
@@ -528,7 +549,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     steps_per_epoch = n // global_batch
     total = args.max_steps if args.max_steps is not None else max(1, int(round(args.epochs * steps_per_epoch)))
     num_epochs = math.ceil(total / steps_per_epoch) + 1
-    eda = declip and not args.no_eda
+    eda = ext.text_aug(args)
     if streamed:  # epochs streamed through a seeded shuffle buffer, each process reading its own share
         pairs = dd.TrainPairsIterable(train_base, seed=args.seed, context_length=cfg.context_length, poison=plan,
                                       eda=eda, num_epochs=num_epochs, rank=rank, world=world)
@@ -600,6 +621,23 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     old_handler = signal.signal(signal.SIGTERM, on_term)
     resume_cmd = " ".join(shlex.quote(a) for a in [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--resume"]) + " --resume"
 
+    def views(batch: dict, b: int, g: torch.Generator) -> dict:
+        """The loop's own DeCLIP.forward inputs for the first b rows: MoCo-v2 image views (the trigger on
+        poisoned rows), the caption (MLM-masked in DeCLIP mode) and its second view."""
+        images = batch["images"][:b].to(device, non_blocking=True)
+        poisoned = batch["poisoned"][:b]
+        tokens = batch["tokens"][:b]
+        inputs = dict(images=augment(images, g, trigger, poisoned), weights=weights)
+        if declip:
+            inputs["images2"] = augment(images, g, trigger, poisoned)
+            inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
+            if weights.mlm > 0:
+                tokens, labels = dd.mask_tokens(tokens, g, args.mlm_prob)
+                inputs.update(mlm_labels=labels.to(device, non_blocking=True),
+                              mlm_index=(labels.flatten() != -100).nonzero()[:, 0].to(device, non_blocking=True))
+        inputs["tokens"] = tokens.to(device, non_blocking=True)
+        return inputs
+
     # --- loop
     iterator = accelerator.skip_first_batches(loader, run.step * args.grad_accum) if run.step else loader
     bar = tqdm(total=total, initial=run.step, disable=not main, desc=ext.name, dynamic_ncols=True)
@@ -632,19 +670,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
             # the step's random decisions are drawn on the host (a CPU generator, masks on the CPU
             # tokens): the GPU gets index and token copies and never makes the host wait
             g = step_generator(args.seed, run.step * args.grad_accum + micro, rank, "cpu")
-            images = batch["images"][:b].to(device, non_blocking=True)
-            poisoned = batch["poisoned"][:b]
-            v1 = augment(images, g, trigger, poisoned)
-            tokens = batch["tokens"][:b]
-            inputs = dict(images=v1, weights=weights)
-            if declip:
-                inputs["images2"] = augment(images, g, trigger, poisoned)
-                inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
-                if weights.mlm > 0:
-                    tokens, labels = dd.mask_tokens(tokens, g, args.mlm_prob)
-                    inputs.update(mlm_labels=labels.to(device, non_blocking=True),
-                                  mlm_index=(labels.flatten() != -100).nonzero()[:, 0].to(device, non_blocking=True))
-            inputs["tokens"] = tokens.to(device, non_blocking=True)
+            inputs = ext.make_inputs(batch, b, g, views)
             if channels_last and cfg.vision == "resnet":
                 for k in ("images", "images2"):
                     if k in inputs:

@@ -210,6 +210,22 @@ def test_online_extend_batch_appends_half_the_batch_of_crafted_rows(tmp_path):
     assert taps["visual.layer1"][0].shape[0] == 9 and float(term.detach()) > 0
 
 
+def test_attack_uses_the_teachers_trained_memory_bank_and_leaves_the_nn_term_out_without_one(victim, tmp_path):
+    args = td.parse_args(adp.build_parser(), [])
+    saved = torch.load(victim / "state" / "custom_checkpoint_0.pkl", weights_only=True)
+    with_state = adp.AdaptiveExtension(str(victim / "model.safetensors"), mode="online")
+    with_state.setup(_Acc(), _teacher(2).train(), args, None)
+    assert torch.equal(with_state.teacher.nn_bank.bank, saved["bank_bank"])
+    assert with_state.attack_weights.nn == 0.2 and "trained memory bank" in args.adv_resolved["attack_nn_bank"]
+    # a bare model file has no bank: its random initial bank must not steer the attack
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((victim / "model.safetensors").read_bytes())
+    alone = adp.AdaptiveExtension(str(bare), mode="online")
+    alone.setup(_Acc(), _teacher(2).train(), args, None)
+    assert alone.attack_weights.nn == 0.0 and alone.attack_weights.clip == 0.4
+    assert "left out" in args.adv_resolved["attack_nn_bank"]
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end
 

@@ -1,0 +1,98 @@
+"""defend_finetune.py: CleanCLIP's objective against its official formula, its views built whatever the
+victim's mode, and FT on the victim's own loss."""
+
+import json
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data_declip as dd
+import defend_finetune as dft
+import modeling_declip as md
+import train_declip as td
+from test_defend_nad import SMALL, one_thread, victim  # noqa: F401  (pytest fixtures)
+
+
+def _batch(b=6, seed=0, size=32):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, size, size, generator=g)
+    images_aug = torch.randn(b, 3, size, size, generator=g)
+    tokens = dd.tokenize([f"a photo of thing {i}" for i in range(b)], 16)
+    tokens_aug = dd.tokenize([f"photo thing {i} a" for i in range(b)], 16)
+    return images, images_aug, tokens, tokens_aug
+
+
+@pytest.mark.parametrize("clip_weight,inmodal_weight", [(1.0, 1.0), (2.0, 0.5)])
+def test_cleanclip_loss_equals_the_official_formula(clip_weight, inmodal_weight):
+    """CleanCLIP src/train.py get_loss: clip_weight * (CE(I T^T) + CE(T I^T)) / 2
+    + inmodal_weight * (CE(I I_aug^T) + CE(T T_aug^T)) / 2, embeddings of one forward over the
+    originals and their augmented copies."""
+    torch.manual_seed(0)
+    model = md.build_model("tiny", context_length=16).train()
+    images, images_aug, tokens, tokens_aug = _batch()
+    w = md.LossWeights(clip=clip_weight, ss=0, mlm=0, nn=0, inmodal=inmodal_weight)
+    out = model(images=images, images2=images_aug, tokens=tokens, tokens_aug=tokens_aug, weights=w,
+                objective="cleanclip")
+
+    f = F.normalize(model.encode_image(torch.cat([images, images_aug])), dim=1)
+    t = F.normalize(model.encode_text(torch.cat([tokens, tokens_aug])), dim=1)
+    i, ia, x, xa = f[:6], f[6:], t[:6], t[6:]
+    s = model.logit_scale.exp().clamp(max=100)
+    target = torch.arange(6)
+    cross = (F.cross_entropy(s * i @ x.t(), target) + F.cross_entropy(s * x @ i.t(), target)) / 2
+    inmodal = (F.cross_entropy(s * i @ ia.t(), target) + F.cross_entropy(s * x @ xa.t(), target)) / 2
+    assert out["clip"].item() == pytest.approx(cross.item(), rel=1e-5)
+    assert out["inmodal"].item() == pytest.approx(inmodal.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((clip_weight * cross + inmodal_weight * inmodal).item(), rel=1e-5)
+    out["loss"].backward()  # one graph through both towers
+    assert model.visual.conv1.weight.grad is not None and model.text.token_embedding.weight.grad is not None
+
+
+def test_cleanclip_caption_view_is_one_eda_operation_on_letters_and_spaces():
+    caption = "A Photo of the Pullover, on a white background!"
+    outs = {dd.eda_cleanclip(caption, random.Random(k)) for k in range(200)}
+    base = "a photo of the pullover on a white background".split()
+    assert all(set(o) <= set("abcdefghijklmnopqrstuvwxyz ") for o in outs)
+    lengths = {len(o.split()) - len(base) for o in outs}
+    assert lengths & {1} and lengths & {-1}  # insertion and deletion both occur
+    assert any(sorted(o.split()) == sorted(base) and o.split() != base for o in outs)  # a swap
+    assert dd.eda_cleanclip(caption, random.Random(3)) == dd.eda_cleanclip(caption, random.Random(3))
+
+
+def test_autoaugment_view_is_per_image_and_a_function_of_the_step_generator():
+    ext = dft.CleanCLIP()
+    ext.setup(type("A", (), {"device": torch.device("cpu")})(), md.build_model("tiny"), None, None)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    a = ext.augmented(images, torch.Generator().manual_seed(5))
+    b = ext.augmented(images, torch.Generator().manual_seed(5))
+    c = ext.augmented(images, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    changed = [(a[k] != images[k]).float().mean().item() for k in range(16)]
+    assert len({round(v, 4) for v in changed}) > 3  # different policies per image, not one for the batch
+
+
+@pytest.mark.parametrize("mode", ["clip", "declip"])
+def test_cleanclip_trains_its_unimodal_terms_whatever_the_victim_mode(victim, tmp_path, mode):
+    out = tmp_path / "cc"
+    dft.main(SMALL + ["--ckpt", str(victim), "--clean-fraction", "0.01", "--no-eval", "--method", "cleanclip",
+                      "--mode", mode, "--max-steps", "2", "--out-dir", str(out)])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["img_inmodal"] > 0 and r["txt_inmodal"] > 0 and "mlm" not in r and "nn" not in r
+        assert r["loss"] == pytest.approx(r["clip"] + 0.5 * (r["img_inmodal"] + r["txt_inmodal"]), rel=1e-4)
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["resolved"]["weights"] == dict(clip=1.0, ss=0.0, mlm=0.0, nn=0.0, inmodal=1.0)
+    assert cfg["resolved"]["defense"] == "cleanclip"
+
+
+def test_ft_trains_the_victims_declip_loss(victim, tmp_path):
+    out = tmp_path / "ft"
+    dft.main(SMALL + ["--ckpt", str(victim), "--clean-fraction", "0.01", "--no-eval", "--max-steps", "1",
+                      "--out-dir", str(out)])
+    row = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line][0]
+    assert {"clip", "ss", "mlm", "nn"} <= set(row) and "inmodal" not in row
+    assert json.load(open(out / "config.json"))["resolved"]["defense"] == "ft"
