@@ -922,15 +922,22 @@ def convert_openai_state_dict(sd: dict) -> Tuple[DeCLIPConfig, dict]:
     return cfg, out
 
 
+def _declip_key(k: str) -> Optional[str]:
+    """Our name of an official DeCLIP state-dict key (`module.` stripped), or None for what we drop:
+    recorded activations (`*_feat_*`, spec §3.4) and the dead `visual.fc` head (spec §8 item 14)."""
+    if "_feat_" in k or k.startswith("visual.fc.") or k.startswith("nn_replacer"):
+        return None
+    return "text." + k[len("encode_text."):] if k.startswith("encode_text.") else k
+
+
 def convert_declip_state_dict(sd: dict) -> Tuple[DeCLIPConfig, dict]:
-    """Official DeCLIP / BD_DeCLIP `model` dict -> ours: strip `module.`, drop recorded activations
-    (`*_feat_*`, spec §3.4) and the dead `visual.fc` head (spec §8 item 14), `encode_text.` -> `text.`."""
+    """Official DeCLIP / BD_DeCLIP `model` dict -> ours: strip `module.`, `encode_text.` -> `text.`,
+    drop what `_declip_key` drops."""
     sd = _strip(sd, "module.")
     out = {}
     for k, v in sd.items():
-        if "_feat_" in k or k.startswith("visual.fc.") or k.startswith("nn_replacer"):
-            continue
-        out["text." + k[len("encode_text."):] if k.startswith("encode_text.") else k] = v
+        if _declip_key(k) is not None:
+            out[_declip_key(k)] = v
     cfg = infer_config(out, text_prefix="text.", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return cfg, out
 
@@ -953,6 +960,69 @@ def _read_foreign(path: str) -> Tuple[str, dict]:
     if isinstance(obj.get("state_dict"), dict):
         return "open_clip", obj["state_dict"]
     return "open_clip", obj
+
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def declip_param_groups(sd: dict) -> List[List[str]]:
+    """The parameter names of each AdamW group of the official DeCLIP solver, in its order, rebuilt from
+    the key order of its `model` state dict (module registration order). prototype/utils/misc.py
+    param_group_all with the DeCLIP configs' pconfig keys bn_w, ln_w, logit_scale, bias (spec §4.4):
+    groups [normal, bn_w, bn_b, conv_b, linear_b, ln_w, ln_b, logit_scale, bias]; a module walk puts
+    every conv/linear/BN/LayerNorm bias in `bias` and BN/LN weights in bn_w/ln_w; `logit_scale` and
+    everything else (conv/linear weights, embeddings, packed attention projections) in named-parameter
+    order. Module types come from the keys: BN has running statistics, conv weights are 4-d, LayerNorm
+    has 1-d weight and bias, an Embedding is `token_embedding`."""
+    params = [k for k in sd if k.rsplit(".", 1)[-1] not in _BN_BUFFERS and "_feat_" not in k]
+    modules: Dict[str, List[str]] = {}
+    for k in params:
+        prefix, leaf = k.rsplit(".", 1) if "." in k else ("", k)
+        modules.setdefault(prefix, []).append(leaf)
+    groups = {g: [] for g in ("bn_w", "bn_b", "conv_b", "linear_b", "ln_w", "ln_b", "logit_scale", "bias")}
+    for prefix, leaves in modules.items():
+        if "weight" not in leaves or prefix.endswith("token_embedding"):
+            continue  # raw Parameters (embeddings, packed attention projections), Embedding: normal
+        weight = sd[f"{prefix}.weight"]
+        if f"{prefix}.running_mean" in sd:
+            kind = "bn"
+        elif weight.ndim in (2, 4):
+            kind = "conv_or_linear"
+        elif weight.ndim == 1 and "bias" in leaves:
+            kind = "ln"
+        else:
+            continue
+        if "bias" in leaves:
+            groups["bias"].append(f"{prefix}.bias")
+        if kind in ("bn", "ln"):
+            groups[f"{kind}_w"].append(f"{prefix}.weight")
+    groups["logit_scale"] = [k for k in params if "logit_scale" in k]
+    special = {k for g in groups.values() for k in g}
+    return [[k for k in params if k not in special]] + list(groups.values())
+
+
+def declip_optimizer_state(path: str) -> Dict[str, dict]:
+    """Per-parameter AdamW state (exp_avg, exp_avg_sq, step) of an official DeCLIP / BD_DeCLIP .pth.tar,
+    keyed by our parameter names; the group layout is checked against the file's."""
+    obj = _safe_torch_load(path)
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("optimizer"), dict)):
+        raise CheckpointError(f"{path} carries no DeCLIP optimizer state (no 'model' and 'optimizer' entries)")
+    sd, opt = _strip(obj["model"], "module."), obj["optimizer"]
+    names = declip_param_groups(sd)
+    sizes = [len(g["params"]) for g in opt["param_groups"]]
+    if sizes != [len(g) for g in names]:
+        raise CheckpointError(f"{path}: its optimizer groups hold {sizes} parameters, not the DeCLIP solver's "
+                              f"layout {[len(g) for g in names]}; its optimizer state cannot be mapped")
+    out = {}
+    for group_names, group in zip(names, opt["param_groups"]):
+        for name, pid in zip(group_names, group["params"]):
+            ours, state = _declip_key(name), opt["state"].get(pid)
+            if ours is not None and state:
+                if state["exp_avg"].shape != sd[name].shape:
+                    raise CheckpointError(f"{path}: the optimizer state of {name} has shape "
+                                          f"{tuple(state['exp_avg'].shape)}, not its parameter's")
+                out[ours] = state
+    return out
 
 
 def load_model(path: str, device: Union[str, torch.device] = "cpu", preset: Optional[str] = None,

@@ -50,6 +50,10 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from these weights (ours, official DeCLIP .pth.tar, OpenAI .pt, open_clip); "
                         "the architecture comes from the checkpoint")
+    g.add_argument("--init-optimizer", action="store_true",
+                   help="also start AdamW from --init-from's moments, as the original attack did (spec §4.5): those of "
+                        "an official DeCLIP .pth.tar, or of the run whose state/ is beside our model file "
+                        "(default: fresh moments)")
     g.add_argument("--mode", choices=("declip", "clip"), default="declip",
                    help="declip: 2 image x 2 text views + SimSiam + MLM + NN; clip: one view each, InfoNCE only")
     g.add_argument("--w-clip", type=float, default=0.4, help="weight of the (multi-view) CLIP InfoNCE term")
@@ -290,9 +294,11 @@ class RunState:
         self.seen = 0
         self.bad = 0
         self.elapsed = 0.0
+        self.param_names: List[str] = []
 
     def state_dict(self):
         return {"step": self.step, "seen": self.seen, "bad": self.bad, "elapsed": self.elapsed,
+                "param_names": self.param_names,  # names of the optimizer's parameters, in its order
                 **{"bank_" + k: v for k, v in self.model.nn_bank.bank_state().items()}}
 
     def load_state_dict(self, sd):
@@ -382,6 +388,49 @@ def save_state(accelerator, out_dir: str):
 def state_dir(out_dir: str) -> str:
     cur = os.path.join(out_dir, "state")
     return cur if os.path.isdir(cur) else os.path.join(out_dir, "state.old")
+
+
+def optimizer_param_names(model, opt) -> List[str]:
+    """The names of an optimizer's parameters, in its state-dict order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def init_optimizer_state(opt, names: Sequence[str], source: str) -> str:
+    """Start AdamW from the moments of `source` (--init-optimizer): an official DeCLIP .pth.tar, or our
+    model file whose run's state/ is beside it. Parameters are matched by name; those the source has no
+    state for start fresh. Returns a one-line description."""
+    if source.endswith(".safetensors"):
+        d = state_dir(os.path.dirname(os.path.abspath(source)))
+        run_path, opt_path = os.path.join(d, "custom_checkpoint_0.pkl"), os.path.join(d, "optimizer.bin")
+        if not (os.path.isfile(run_path) and os.path.isfile(opt_path)):
+            raise UserError(f"--init-optimizer: no run state (state/optimizer.bin) beside {source}; drop the flag "
+                            f"to start with fresh moments")
+        saved_names = torch.load(run_path, map_location="cpu", weights_only=True).get("param_names")
+        if not saved_names:
+            raise UserError(f"--init-optimizer: the run state beside {source} predates parameter names in "
+                            f"state/; drop the flag")
+        saved = torch.load(opt_path, map_location="cpu", weights_only=True)
+        ids = [i for group in saved["param_groups"] for i in group["params"]]
+        states = {n: saved["state"][i] for n, i in zip(saved_names, ids) if i in saved["state"]}
+    else:
+        states = md.declip_optimizer_state(source)
+    sd = opt.state_dict()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    loaded = 0
+    for i, (name, p) in enumerate(zip(names, params)):
+        st = states.get(name)
+        if st is None:
+            continue
+        if st["exp_avg"].shape != p.shape:
+            raise UserError(f"--init-optimizer: {source} holds moments of shape {tuple(st['exp_avg'].shape)} for "
+                            f"{name}, not {tuple(p.shape)}")
+        st = dict(st)
+        st["step"] = torch.as_tensor(st["step"], dtype=torch.float32)  # torch 1.x stored an int
+        sd["state"][i] = st
+        loaded += 1
+    opt.load_state_dict(sd)
+    return f"AdamW moments of {loaded} of {len(names)} parameters from {source}"
 
 
 def read_memory_bank(weights: str) -> Optional[dict]:
@@ -571,6 +620,13 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(md.param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
                             eps=args.eps, fused=device.type == "cuda")
+    param_names = optimizer_param_names(model, opt)
+    if args.init_optimizer and not args.resume:
+        if not args.init_from:
+            raise UserError("--init-optimizer needs --init-from")
+        note = init_optimizer_state(opt, param_names, args.init_from)
+        if main:
+            print(f"note: {note}")
     # the learning rate is set from run.step before each optimizer step (no scheduler object to keep
     # in sync across processes, accumulation and resume)
     if streamed:  # already split by process; Accelerate would make process 0 read and send every batch
@@ -580,6 +636,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     raw = accelerator.unwrap_model(model)
     fwd = torch.compile(model) if args.compile else model
     run = RunState(raw)
+    run.param_names = param_names
     accelerator.register_for_checkpointing(run)
     ext.setup(accelerator, raw, args, train_base)
     augment = ext.augment or dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std, mocov2=True)

@@ -335,3 +335,78 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused(tmp_path, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(td.UserError, match="pip install wandb"):
         td.train(_args(tmp_path / "run", "--max-steps", "1", "--report-to", "wandb"))
+
+
+# ----------------------------------------------------------------------------------------------
+# --init-optimizer: AdamW continues the moments of the starting checkpoint (spec §4.5)
+
+
+def _official_groups(model):
+    """The DeCLIP solver's AdamW groups (prototype/utils/misc.py param_group_all, pconfig bn_w, ln_w,
+    logit_scale, bias), written from its module walk with isinstance checks."""
+    groups = {k: [] for k in ("bn_w", "bn_b", "conv_b", "linear_b", "ln_w", "ln_b", "logit_scale", "bias")}
+    for _, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            if m.bias is not None:
+                groups["bias"].append(m.bias)
+        elif isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+            groups["bn_w" if not isinstance(m, torch.nn.LayerNorm) else "ln_w"].append(m.weight)
+            groups["bias"].append(m.bias)
+    groups["logit_scale"] = [model.logit_scale]
+    special = {id(p) for g in groups.values() for p in g}
+    normal = [p for _, p in model.named_parameters() if id(p) not in special]
+    return [{"params": normal}] + [{"params": g} for g in groups.values()]
+
+
+def _official_name(ours):
+    return "module." + ("encode_text." + ours[len("text."):] if ours.startswith("text.") else ours)
+
+
+def test_init_optimizer_maps_the_official_declip_moments_by_name(tmp_path):
+    torch.manual_seed(0)
+    src = md.build_model("tiny", context_length=16).train()
+    opt = torch.optim.AdamW(_official_groups(src), lr=1e-3)
+    images, tokens = torch.randn(4, 3, 32, 32), dd.tokenize(["a b", "c d", "e f", "g h"], 16)
+    src(images=images, images2=images.flip(-1), tokens=tokens, tokens_aug=tokens)["loss"].backward()
+    opt.step()
+    path = tmp_path / "declip.pth.tar"
+    torch.save({"model": {_official_name(k): v for k, v in src.state_dict().items()},
+                "optimizer": opt.state_dict(), "last_iter": 1}, path)
+
+    dst = md.load_model(str(path)).train()
+    new = torch.optim.AdamW(md.param_groups(dst, 0.1), lr=1e-3)
+    note = td.init_optimizer_state(new, td.optimizer_param_names(dst, new), str(path))
+    by_name = dict(src.named_parameters())
+    names = td.optimizer_param_names(dst, new)
+    loaded = [n for n, p in zip(names, (p for g in new.param_groups for p in g["params"])) if p in new.state]
+    assert set(loaded) == {n for n, p in by_name.items() if p in opt.state} and str(len(loaded)) in note
+    for group in new.param_groups:
+        for p in group["params"]:
+            name = names[[id(q) for g in new.param_groups for q in g["params"]].index(id(p))]
+            if name in loaded:
+                assert torch.equal(new.state[p]["exp_avg"], opt.state[by_name[name]]["exp_avg"]), name
+                assert torch.equal(new.state[p]["exp_avg_sq"], opt.state[by_name[name]]["exp_avg_sq"]), name
+    # a file whose groups do not follow the solver's layout is refused, not mapped by guess
+    bad = opt.state_dict()
+    bad["param_groups"] = [{**bad["param_groups"][0], "params": [i for g in bad["param_groups"] for i in g["params"]]}]
+    torch.save({"model": {_official_name(k): v for k, v in src.state_dict().items()}, "optimizer": bad}, path)
+    with pytest.raises(md.CheckpointError, match="cannot be mapped"):
+        td.init_optimizer_state(new, names, str(path))
+
+
+@needs_fmnist
+def test_init_optimizer_continues_our_runs_moments(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    td.train(_args(a, "--max-steps", "2", "--holdout", "100"))
+    td.train(_args(b, "--max-steps", "1", "--holdout", "100", "--init-from", str(a / "model.safetensors"),
+                   "--init-optimizer", "--mode", "clip"))
+    saved = [torch.load(d / "state" / "optimizer.bin", weights_only=True) for d in (a, b)]
+    names = [torch.load(d / "state" / "custom_checkpoint_0.pkl", weights_only=True)["param_names"] for d in (a, b)]
+    steps = [{n: float(s["state"][i]["step"]) for n, i in zip(nm, [i for g in sd["param_groups"] for i in g["params"]])
+              if i in s["state"]} for nm, sd, s in zip(names, saved, saved)]
+    # the CLIP-mode run continues the DeCLIP run's moments: 2 steps there, then 1 here
+    assert steps[1]["visual.conv1.weight"] == 3.0 and steps[0]["visual.conv1.weight"] == 2.0
+    with pytest.raises(td.UserError, match="no run state"):
+        lone = tmp_path / "lone.safetensors"
+        lone.write_bytes((a / "model.safetensors").read_bytes())
+        td.train(_args(tmp_path / "c", "--max-steps", "1", "--init-from", str(lone), "--init-optimizer"))
