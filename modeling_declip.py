@@ -1160,6 +1160,9 @@ def _read_foreign(path: str) -> Tuple[str, dict]:
     return "open_clip", obj
 
 
+_NOTED: set = set()  # paths whose activation note was printed: once per process, however often loaded
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
@@ -1235,7 +1238,8 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", preset: Opti
                 f"DeCLIP, open_clip '-quickgelu' models); pass --activation gelu (load_model(..., activation="
                 f"'gelu')) for open_clip models without '-quickgelu' (RN50, ViT-B-32, the LAION/DataComp weights)")
         info["notes"].append(note)
-        if _is_main_process():
+        if _is_main_process() and os.path.abspath(path) not in _NOTED:
+            _NOTED.add(os.path.abspath(path))
             print(note, file=sys.stderr)
     cfg = dataclasses.replace(cfg, act=act)
     info["activation"] = act
