@@ -1209,8 +1209,9 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", preset: Opti
             cfg, sd = convert_declip_state_dict(raw)
             info["format"], stated = "declip", "quick_gelu"
         elif any(k.startswith(("text_model.", "vision_model.")) for k in raw):
-            if not any(k.startswith("vision_model.") for k in raw):
-                raise CheckpointError(f"{path}: a transformers CLIP checkpoint without a ViT image tower")
+            if not all(any(k.startswith(t) for k in raw) for t in ("text_model.", "vision_model.", "text_projection.")):
+                raise CheckpointError(f"{path}: a transformers CLIP checkpoint needs both towers and their "
+                                      f"projections (a CLIPModel, not a CLIPTextModel or CLIPVisionModel)")
             cfg, sd = convert_transformers_state_dict(raw, d)
             info["format"], stated = "transformers", cfg.act
         elif "text_projection" in raw or "text_projection.weight" in raw:
