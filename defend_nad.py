@@ -210,7 +210,7 @@ def prepare_teacher(args: argparse.Namespace) -> str:
     if args.teacher:
         path = args.teacher
         if os.path.isdir(path):
-            path = os.path.join(path, "model.safetensors")
+            path = md.checkpoint_file(path) or os.path.join(path, "model.safetensors")
         if not os.path.isfile(path):
             raise UserError(f"--teacher {args.teacher} does not exist; give a checkpoint or run directory, "
                             f"or leave it out to fine-tune a teacher inline")

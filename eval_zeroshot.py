@@ -1060,11 +1060,11 @@ def plot_examples(images, labels, preds, classnames, path, target=None, title=No
 # CLI
 
 
-def _load_model(path, device="cpu"):
+def _load_model(path, device="cpu", activation=None):
     from modeling_declip import CheckpointError, load_model
 
     try:
-        return load_model(str(path), device=device)
+        return load_model(str(path), device=device, activation=activation)
     except CheckpointError as e:
         raise UserError(f"--ckpt {path}: {e}.") from None
 
@@ -1116,7 +1116,9 @@ def resolve_ckpt(path):
     """(weights file, manifest path or None) for a run directory or a checkpoint file."""
     p = Path(path)
     if p.is_dir():
-        w = p / MODEL_FILE
+        from modeling_declip import checkpoint_file
+
+        w = Path(checkpoint_file(str(p)) or p / MODEL_FILE)  # our run directory, or a transformers / open_clip one
         if not w.is_file():
             raise UserError(f"--ckpt {path}: directory has no {MODEL_FILE}; pass a run directory of "
                             "train_declip.py / defend_*.py or a checkpoint file.")
@@ -1153,6 +1155,9 @@ def build_parser():
     p.add_argument("--ckpt", nargs="+", action="extend", default=None,
                    help=f"checkpoint file(s) or run directories (DIR/{MODEL_FILE}); repeatable "
                         f"[default: {DEFAULT_TRAIN_DIR}]")
+    p.add_argument("--activation", choices=("quick_gelu", "gelu"), default=None,
+                   help="MLP activation of a bare open_clip/OpenAI state dict, which cannot say it (default: "
+                        "quick_gelu, with a note; open_clip's non-quickgelu models need gelu)")
     p.add_argument("--names", nargs="+", action="extend", default=None,
                    help="display name per --ckpt (default: run directory / file name)")
     p.add_argument("--data", default=None, help="class test data: fashion-mnist (default), an ImageFolder "
@@ -1363,7 +1368,8 @@ def run(args) -> dict:
     for name, (wpath, _), (trig, params, tgt) in zip(names, resolved, plans):
         if main_proc:
             print(f"[eval] {name}: {wpath}", file=sys.stderr)
-        model = _load_model(wpath, device=accelerator.device).to(accelerator.device).eval()
+        act = getattr(args, "activation", None)
+        model = _load_model(wpath, device=accelerator.device, activation=act).to(accelerator.device).eval()
         size = int(_cfg(model, "image_size", 224))
         load_size = size if crop_pct >= 1.0 else int(round(size / crop_pct))
         if load_size not in datasets:

@@ -4,7 +4,9 @@ One file holds the model and everything that belongs to it: the configuration an
 image towers (ModifiedResNet, ViT), the causal text Transformer, the DeCLIP heads and memory bank,
 the objective with its distributed contrastive gather, feature taps for distillation defenses,
 optimizer parameter groups, a FLOP estimate for MFU, and checkpoint I/O for our own safetensors
-files, the official DeCLIP `.pth.tar`, OpenAI CLIP `.pt` and open_clip state dicts.
+files, the official DeCLIP `.pth.tar`, OpenAI CLIP `.pt`, open_clip state dicts and transformers CLIP
+directories, and export to the open_clip and transformers layouts
+(`python modeling_declip.py export CKPT --to open_clip|transformers OUT`).
 
 Facts and formulas follow the re-implementation spec (shared/reference/declip_spec.md, cited as
 "spec §x"), itself read from Sense-GVT/DeCLIP and JWLiang007/BD_DeCLIP and the DeCLIP paper
@@ -16,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import io
 import math
 import os
-import pickle
+import pickletools
+import re
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -37,6 +42,11 @@ OPENAI_SOT_ID, OPENAI_EOT_ID = 49406, 49407
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 FORMAT_TAG = "declip-bd/1"
+# MLP activation of the Transformers: QuickGELU (OpenAI, DeCLIP) or exact GELU (open_clip's default).
+ACTIVATIONS = ("quick_gelu", "gelu")
+# torch.load(weights_only=True) can be made to run code before 2.6 (CVE-2025-32434) and to corrupt
+# memory before 2.10 (CVE-2026-24747): foreign pickles are refused on older versions.
+SAFE_TORCH_LOAD = (2, 10)
 
 
 class CheckpointError(Exception):
@@ -63,6 +73,7 @@ class DeCLIPConfig:
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
+    act: str = "quick_gelu"  # MLP activation of both Transformers, one of ACTIVATIONS
     # DeCLIP heads (spec §1.5, §1.6)
     proj_dim: int = 0  # SimSiam projector hidden/out dim; 0 = embed_dim
     pred_dim: int = 0  # SimSiam predictor bottleneck; 0 = proj_dim // 2
@@ -78,6 +89,8 @@ class DeCLIPConfig:
         self.image_std = tuple(float(x) for x in self.image_std)
         if self.vision not in ("resnet", "vit"):
             raise ValueError(f"vision must be 'resnet' or 'vit', not {self.vision!r}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}, not {self.act!r}")
 
     @property
     def proj_dim_(self) -> int:
@@ -172,16 +185,16 @@ class SelfAttention(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Pre-LN Transformer block with a QuickGELU MLP (spec §1.3)."""
+    """Pre-LN Transformer block with a QuickGELU (spec §1.3) or exact GELU MLP."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, act: str = "quick_gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
-        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("gelu", QuickGELU() if act == "quick_gelu" else nn.GELU())
         self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
 
     def forward(self, x, causal: bool = False):
@@ -190,11 +203,12 @@ class ResidualBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool, grad_checkpointing: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool, grad_checkpointing: bool = False,
+                 act: str = "quick_gelu"):
         super().__init__()
         self.causal = causal
         self.grad_checkpointing = grad_checkpointing
-        self.resblocks = nn.ModuleList(ResidualBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, act) for _ in range(layers))
 
     def forward(self, x):
         for block in self.resblocks:
@@ -323,7 +337,7 @@ class VisionTransformer(nn.Module):
     """OpenAI CLIP's ViT, with the same parameter names (class token, ln_pre/ln_post, `proj`)."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-                 output_dim: int, grad_checkpointing: bool = False):
+                 output_dim: int, grad_checkpointing: bool = False, act: str = "quick_gelu"):
         super().__init__()
         self.patch_size = patch_size
         grid = image_size // patch_size
@@ -332,7 +346,8 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, causal=False, grad_checkpointing=grad_checkpointing)
+        self.transformer = Transformer(width, layers, heads, causal=False, grad_checkpointing=grad_checkpointing,
+                                       act=act)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -359,7 +374,7 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, causal=True,
-                                       grad_checkpointing=cfg.grad_checkpointing)
+                                       grad_checkpointing=cfg.grad_checkpointing, act=cfg.act)
         self.ln_final = nn.LayerNorm(cfg.text_width)
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim)
 
@@ -560,7 +575,7 @@ class DeCLIP(nn.Module):
                                          cfg.vision_width)
         else:
             self.visual = VisionTransformer(cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers[0],
-                                            cfg.vision_heads, cfg.embed_dim, cfg.grad_checkpointing)
+                                            cfg.vision_heads, cfg.embed_dim, cfg.grad_checkpointing, cfg.act)
         self.text = TextTransformer(cfg)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.projector = Projector(cfg.embed_dim, cfg.proj_dim_)
@@ -808,6 +823,10 @@ def _atomic_write(path: str, write: Callable[[str], None]):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600; give the file the mode open() would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -846,15 +865,64 @@ def _is_torchscript(path: str) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
+def _torch_version() -> Tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _pickle_globals(path: str) -> Optional[List[str]]:
+    """The `module.name` globals the pickles of a torch file import, read with pickletools (which
+    decodes opcodes and runs nothing); None when the file is neither a torch zip archive nor a pickle."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if not pkl:
+                return None
+            data = z.read(pkl[0])
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    stream, names, pickles = io.BytesIO(data), [], 0
+    while pickles < 5 and stream.tell() < len(data):  # the legacy format is several pickles in a row
+        strings = []
+        try:
+            ops = list(pickletools.genops(stream))
+        except Exception:
+            break
+        if pickles == 0 and ops[0][0].name != "PROTO":
+            return None  # every pickle torch or pickle.dump writes starts with PROTO
+        for op, arg, _ in ops:
+            if op.name == "GLOBAL":
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            if isinstance(arg, str):
+                strings.append(arg)
+        pickles += 1
+    return names if pickles else None
+
+
 def _safe_torch_load(path: str):
+    if _torch_version() < SAFE_TORCH_LOAD:
+        raise CheckpointError(
+            f"refusing to unpickle {path} with torch {torch.__version__}: before "
+            f"{'.'.join(map(str, SAFE_TORCH_LOAD))}, torch.load(weights_only=True) can be made to run code "
+            f"(CVE-2025-32434, CVE-2026-24747); install torch>={'.'.join(map(str, SAFE_TORCH_LOAD))} "
+            f"(requirements.txt) or use a .safetensors file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it is a pickle that needs arbitrary code to unpickle, which "
-            f"could run anything on this machine ({str(e).splitlines()[0][:160]})") from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a checkpoint this toolkit can read ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        names = _pickle_globals(path)
+        if names is None:
+            raise CheckpointError(f"{path} is not a checkpoint in any supported format (neither safetensors, "
+                                  f"a TorchScript or torch archive, nor a pickle)") from None
+        code = [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+        if code:
+            raise CheckpointError(
+                f"refusing to load {path}: it is a pickle that needs arbitrary code to unpickle (it imports "
+                f"{', '.join(sorted(set(code))[:3])}), which could run anything on this machine") from None
+        raise CheckpointError(f"{path} is not a checkpoint this toolkit can read ({reason})") from None
 
 
 def _strip(sd: dict, prefix: str) -> dict:
@@ -897,8 +965,9 @@ def infer_config(sd: dict, text_prefix: str = "", mean=CLIP_MEAN, std=CLIP_STD) 
 
 def convert_openai_state_dict(sd: dict) -> Tuple[DeCLIPConfig, dict]:
     """OpenAI/open_clip CLIP layout -> ours (spec §3.5): text modules under `text.`, projection
-    transposed into a Linear with zero bias, token rows remapped to DeCLIP's special ids, logit
-    scale reshaped to [1]. The <|mask|> row and the DeCLIP heads are left to fresh init."""
+    transposed into a Linear with zero bias (open_clip's `proj_bias` Linear is taken as it is), token
+    rows remapped to DeCLIP's special ids, logit scale reshaped to [1]. The <|mask|> row and the
+    DeCLIP heads are left to fresh init."""
     sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")
           and not k.endswith("attn_mask")}
     cfg = infer_config(sd)
@@ -909,6 +978,8 @@ def convert_openai_state_dict(sd: dict) -> Tuple[DeCLIPConfig, dict]:
         elif k == "text_projection":
             out["text.text_projection.weight"] = v.t().contiguous()
             out["text.text_projection.bias"] = torch.zeros(v.shape[1], dtype=v.dtype)
+        elif k in ("text_projection.weight", "text_projection.bias"):
+            out["text." + k] = v
         elif k == "token_embedding.weight":
             new = torch.empty(VOCAB_SIZE, v.shape[1], dtype=v.dtype)
             nn.init.normal_(new, std=0.02)
@@ -919,6 +990,8 @@ def convert_openai_state_dict(sd: dict) -> Tuple[DeCLIPConfig, dict]:
             out[k] = v.reshape(1)
         elif k.startswith(("transformer.", "positional_embedding", "ln_final.")):
             out["text." + k] = v
+    if "text.text_projection.weight" in out and "text.text_projection.bias" not in out:
+        out["text.text_projection.bias"] = torch.zeros(cfg.embed_dim, dtype=out["text.text_projection.weight"].dtype)
     return cfg, out
 
 
@@ -940,6 +1013,155 @@ def convert_declip_state_dict(sd: dict) -> Tuple[DeCLIPConfig, dict]:
             out[_declip_key(k)] = v
     cfg = infer_config(out, text_prefix="text.", mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return cfg, out
+
+
+# transformers CLIPModel <-> OpenAI layout. Per-block names, then whole-model names; the q/k/v
+# projections are packed into in_proj and the two projections are transposed.
+_HF_BLOCK = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_HF_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+           "text_model.embeddings.position_embedding.weight": "positional_embedding",
+           "text_model.final_layer_norm.weight": "ln_final.weight",
+           "text_model.final_layer_norm.bias": "ln_final.bias",
+           "vision_model.embeddings.class_embedding": "visual.class_embedding",
+           "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+           "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+           "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+           "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+           "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+           "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+           "logit_scale": "logit_scale"}
+_HF_TRANSPOSED = {"text_projection.weight": "text_projection", "visual_projection.weight": "visual.proj"}
+_HF_TOWERS = (("text_model.encoder.layers.", "transformer.resblocks."),
+              ("vision_model.encoder.layers.", "visual.transformer.resblocks."))
+
+
+def _hf_to_openai_layout(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+        elif k in _HF_TRANSPOSED:
+            out[_HF_TRANSPOSED[k]] = v.t().contiguous()
+    for hf, oa in _HF_TOWERS:
+        for i in range(_count_indexed(sd, hf)):
+            p, q = f"{hf}{i}.", f"{oa}{i}."
+            for name, ours in _HF_BLOCK.items():
+                for t in ("weight", "bias"):
+                    out[f"{q}{ours}.{t}"] = sd[f"{p}{name}.{t}"]
+            for t in ("weight", "bias"):
+                out[f"{q}attn.in_proj_{t}"] = torch.cat([sd[f"{p}self_attn.{x}_proj.{t}"] for x in "qkv"])
+    return out
+
+
+def _openai_layout_to_hf(sd: dict) -> dict:
+    out = {hf: sd[oa] for hf, oa in _HF_TOP.items()}
+    out["logit_scale"] = out["logit_scale"].reshape(())
+    out.update({hf: sd[oa].t().contiguous() for hf, oa in _HF_TRANSPOSED.items()})
+    for hf, oa in _HF_TOWERS:
+        for i in range(_count_indexed(sd, oa)):
+            p, q = f"{hf}{i}.", f"{oa}{i}."
+            for name, ours in _HF_BLOCK.items():
+                for t in ("weight", "bias"):
+                    out[f"{p}{name}.{t}"] = sd[f"{q}{ours}.{t}"]
+            for t in ("weight", "bias"):
+                for x, part in zip("qkv", sd[f"{q}attn.in_proj_{t}"].chunk(3)):
+                    out[f"{p}self_attn.{x}_proj.{t}"] = part.contiguous()
+    return out
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
+
+
+def _preprocess_stats(mean_key: str, std_key: str, obj: Optional[dict]) -> dict:
+    """image_mean/image_std overrides from a processor config (CLIP's statistics when absent)."""
+    obj = obj or {}
+    if mean_key in obj and std_key in obj:
+        return dict(image_mean=tuple(obj[mean_key]), image_std=tuple(obj[std_key]))
+    return dict(image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+def convert_transformers_state_dict(sd: dict, d: str) -> Tuple[DeCLIPConfig, dict]:
+    """A transformers CLIPModel (ViT image tower) whose config.json (read with transformers, offline)
+    lies in directory d -> ours, through the OpenAI layout (the same token-row convention)."""
+    try:
+        from transformers import CLIPConfig
+    except ImportError:
+        raise CheckpointError(f"{d} is a transformers CLIP checkpoint: install transformers "
+                              f"(requirements.txt) to read it") from None
+    if not os.path.isfile(os.path.join(d, "config.json")):
+        raise CheckpointError(f"{d}: transformers CLIP weights need the config.json saved beside them")
+    try:
+        hf = CLIPConfig.from_pretrained(d, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{d}/config.json is not a transformers CLIP config ({str(e)[:160]})") from None
+    t, v = hf.text_config, hf.vision_config
+    problems = []
+    if t.hidden_act != v.hidden_act or t.hidden_act not in ACTIVATIONS:
+        problems.append(f"hidden_act {t.hidden_act!r}/{v.hidden_act!r} (supported: the same one of "
+                        f"{', '.join(ACTIVATIONS)} in both towers)")
+    for name, c in (("text", t), ("vision", v)):
+        if c.intermediate_size != 4 * c.hidden_size or abs(c.layer_norm_eps - 1e-5) > 1e-12:
+            problems.append(f"{name} MLP ratio {c.intermediate_size / c.hidden_size:g} / layer_norm_eps "
+                            f"{c.layer_norm_eps} (supported: 4 and 1e-5)")
+    if t.vocab_size != OPENAI_EOT_ID + 1 or t.eos_token_id not in (2, OPENAI_EOT_ID):
+        problems.append(f"vocabulary {t.vocab_size} / eos_token_id {t.eos_token_id} (supported: OpenAI's "
+                        f"{OPENAI_EOT_ID + 1} tokens, end token {OPENAI_EOT_ID})")
+    if problems:
+        raise CheckpointError(f"{d}: this CLIP variant is not supported: {'; '.join(problems)}")
+    cfg, out = convert_openai_state_dict(_hf_to_openai_layout(sd))
+    pre = os.path.join(d, "preprocessor_config.json")
+    stats = _preprocess_stats("image_mean", "image_std", _read_json(pre) if os.path.isfile(pre) else None)
+    cfg = dataclasses.replace(cfg, act=t.hidden_act, text_heads=t.num_attention_heads,
+                              vision_heads=v.num_attention_heads, **stats)
+    return cfg, out
+
+
+def _open_clip_config(d: str) -> Optional[Tuple[str, dict]]:
+    """(activation, config overrides) from the open_clip_config.json beside open_clip weights (the
+    layout of HF-hub open_clip models and of export_open_clip); None when there is none."""
+    path = os.path.join(d, "open_clip_config.json")
+    if not os.path.isfile(path):
+        return None
+    obj = _read_json(path)
+    mc = obj.get("model_cfg", obj)
+    vc, tc = mc.get("vision_cfg", {}), mc.get("text_cfg", {})
+    unsupported = [k for k, ok in (("timm_model_name", not vc.get("timm_model_name")),
+                                   ("hf_model_name", not tc.get("hf_model_name")),
+                                   ("text pool_type", tc.get("pool_type", "argmax") == "argmax"),
+                                   ("no_causal_mask", not tc.get("no_causal_mask")),
+                                   ("final_ln_after_pool", not tc.get("final_ln_after_pool")),
+                                   ("attentional_pool", not vc.get("attentional_pool")),
+                                   ("mlp_ratio", vc.get("mlp_ratio", 4.0) == 4.0 and tc.get("mlp_ratio", 4.0) == 4.0))
+                   if not ok]
+    if unsupported:
+        raise CheckpointError(f"{path}: open_clip options this toolkit does not implement: {', '.join(unsupported)}")
+    head_width = vc.get("head_width", 64)
+    over = dict(text_heads=tc.get("heads", 8),
+                **_preprocess_stats("mean", "std", obj.get("preprocess_cfg")))
+    if isinstance(vc.get("layers"), (list, tuple)):
+        over["vision_heads"] = vc.get("width", 64) * 32 // head_width
+    else:
+        over["vision_heads"] = vc.get("width", 768) // head_width
+    return ("quick_gelu" if mc.get("quick_gelu") else "gelu"), over
+
+
+# What load_model reads in a directory, in this order: our run directories and transformers'
+# save_pretrained (model.safetensors), open_clip's HF-hub layout, transformers' pickle weights.
+DIR_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin")
+
+
+def checkpoint_file(path: str) -> Optional[str]:
+    """The file load_model reads for path (a directory: the first of DIR_WEIGHTS in it); None when a
+    directory holds none of them."""
+    if not os.path.isdir(path):
+        return path
+    return next((os.path.join(path, n) for n in DIR_WEIGHTS if os.path.isfile(os.path.join(path, n))), None)
 
 
 def _read_foreign(path: str) -> Tuple[str, dict]:
@@ -1023,18 +1245,35 @@ def declip_optimizer_state(path: str) -> Dict[str, dict]:
                                           f"{tuple(state['exp_avg'].shape)}, not its parameter's")
                 out[ours] = state
     return out
+_NOTED: set = set()  # paths whose activation note was printed: once per process, however often loaded
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def load_model(path: str, device: Union[str, torch.device] = "cpu", preset: Optional[str] = None,
-               return_info: bool = False):
+               return_info: bool = False, activation: Optional[str] = None):
     """Load any supported checkpoint (format detected): our .safetensors, official DeCLIP .pth.tar,
-    OpenAI CLIP .pt (TorchScript or state dict), open_clip state dicts (.pt/.bin/.safetensors).
-    Returns the model in eval mode (and, with return_info, a dict: format, missing heads, metadata).
-    preset: if given, the checkpoint's architecture must match it."""
+    OpenAI CLIP .pt (TorchScript or state dict), open_clip state dicts (.pt/.bin/.safetensors, with
+    the open_clip_config.json of HF-hub open_clip models when it lies beside them), transformers CLIP
+    save_pretrained directories; a directory is read through checkpoint_file.
+    Returns the model in eval mode (and, with return_info, a dict: format, missing heads, metadata,
+    activation and notes). preset: if given, the checkpoint's architecture must match it.
+    activation: 'quick_gelu' or 'gelu' for a bare state dict, which cannot say which one its
+    Transformers use (assumed QuickGELU with a printed note when None); a checkpoint that says its
+    activation must not be contradicted."""
+    given = path
+    path = checkpoint_file(path)
+    if path is None:
+        raise CheckpointError(f"{given} is a directory without a checkpoint (looked for {', '.join(DIR_WEIGHTS)})")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    info = {"format": None, "fresh": [], "dropped": [], "metadata": {}}
+    if activation is not None and activation not in ACTIVATIONS:
+        raise CheckpointError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
+    info = {"format": None, "fresh": [], "dropped": [], "metadata": {}, "notes": []}
     cfg = sd = None
+    stated = None  # the activation the checkpoint itself says
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -1043,24 +1282,53 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", preset: Opti
         if meta.get("format", "").startswith("declip-bd"):
             from safetensors.torch import load_file
 
-            cfg = DeCLIPConfig.from_dict(json.loads(meta["config"]))
+            cfg = DeCLIPConfig.from_dict(json.loads(meta["config"]))  # files before `act` mean quick_gelu
             sd = load_file(path)
+            stated = cfg.act
             info.update(format="ours", metadata=json.loads(meta.get("metadata", "{}")))
     if sd is None:
         fmt, raw = _read_foreign(path)
         raw = _strip(raw, "module.")
+        d = os.path.dirname(os.path.abspath(path))
         if any(k.startswith("encode_text.") for k in raw):
             cfg, sd = convert_declip_state_dict(raw)
-            info["format"] = "declip"
-        elif "text_projection" in raw:
+            info["format"], stated = "declip", "quick_gelu"
+        elif any(k.startswith(("text_model.", "vision_model.")) for k in raw):
+            if not all(any(k.startswith(t) for k in raw) for t in ("text_model.", "vision_model.", "text_projection.")):
+                raise CheckpointError(f"{path}: a transformers CLIP checkpoint needs both towers and their "
+                                      f"projections (a CLIPModel, not a CLIPTextModel or CLIPVisionModel)")
+            cfg, sd = convert_transformers_state_dict(raw, d)
+            info["format"], stated = "transformers", cfg.act
+        elif "text_projection" in raw or "text_projection.weight" in raw:
             cfg, sd = convert_openai_state_dict(raw)
             info["format"] = fmt
+            oc = _open_clip_config(d) if fmt == "open_clip" else None
+            if fmt == "openai":
+                stated = "quick_gelu"  # OpenAI's released models all use QuickGELU
+            elif oc is not None:
+                stated, over = oc
+                cfg = dataclasses.replace(cfg, **over)
         elif "text.text_projection.weight" in raw:
             cfg, sd = infer_config(raw, text_prefix="text.", mean=IMAGENET_MEAN, std=IMAGENET_STD), raw
             info["format"] = "ours-torch"
         else:
             raise CheckpointError(f"{path}: unknown checkpoint format (no CLIP/DeCLIP text tower found)")
         info["dropped"] = [k for k in raw if k.startswith("visual.fc.")]
+    if stated is not None and activation is not None and activation != stated:
+        raise CheckpointError(f"{path} says its activation is {stated}; the activation asked for ({activation}, "
+                              f"--activation) contradicts it: leave the flag out")
+    act = stated or activation
+    if act is None:
+        act = "quick_gelu"
+        note = (f"note: {path} does not say which activation its Transformers use: assumed QuickGELU (OpenAI, "
+                f"DeCLIP, open_clip '-quickgelu' models); pass --activation gelu (load_model(..., activation="
+                f"'gelu')) for open_clip models without '-quickgelu' (RN50, ViT-B-32, the LAION/DataComp weights)")
+        info["notes"].append(note)
+        if _is_main_process() and os.path.abspath(path) not in _NOTED:
+            _NOTED.add(os.path.abspath(path))
+            print(note, file=sys.stderr)
+    cfg = dataclasses.replace(cfg, act=act)
+    info["activation"] = act
     if preset is not None:
         want = get_config(preset)
         fields = ("vision", "vision_layers", "vision_width", "embed_dim", "text_width", "text_layers")
@@ -1081,3 +1349,146 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", preset: Opti
         raise CheckpointError(f"{path}: missing {other[:5]} unexpected {list(unexpected)[:5]}")
     model.to(device).eval()
     return (model, info) if return_info else model
+
+
+# ----------------------------------------------------------------------------------------------
+# Export to the open_clip and transformers layouts
+
+
+def to_openai_state_dict(model: DeCLIP, fold_bias: bool = True) -> Tuple[dict, bool]:
+    """Our weights in the OpenAI/open_clip layout (the inverse of convert_openai_state_dict; the
+    <|mask|> row and the DeCLIP heads are dropped). That layout's text projection has no bias: with
+    fold_bias, ours is moved into ln_final's bias when the projection can carry it exactly (W d = b,
+    which changes the other tokens' final features but not the pooled end token's embedding).
+    Returns (state dict, whether the bias needs open_clip's `proj_bias` Linear instead)."""
+    model = getattr(model, "module", model)
+    cfg = model.config
+    if cfg.vocab_size != VOCAB_SIZE:
+        raise CheckpointError(f"only models with DeCLIP's {VOCAB_SIZE}-token vocabulary can be exported")
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if k.startswith("visual."):
+            out[k] = v
+        elif k == "logit_scale":
+            out[k] = v.reshape(())
+        elif k == "text.token_embedding.weight":
+            tok = torch.cat([v[:OPENAI_SOT_ID], v[SOT_ID:SOT_ID + 1], v[EOT_ID:EOT_ID + 1]])
+            out["token_embedding.weight"] = tok.contiguous()
+        elif k.startswith("text.") and not k.startswith("text.text_projection."):
+            out[k[len("text."):]] = v
+    w = model.text.text_projection.weight.detach().cpu()
+    b = model.text.text_projection.bias.detach().cpu()
+    if fold_bias:
+        delta = torch.linalg.lstsq(w.double(), b.double().unsqueeze(1)).solution.squeeze(1)
+        if (w.double() @ delta - b.double()).abs().max() <= 1e-6 * max(1.0, b.abs().max().item()):
+            out["ln_final.bias"] = (out["ln_final.bias"].double() + delta).to(b.dtype)
+            out["text_projection"] = w.t().contiguous()
+            return out, False
+    out["text_projection.weight"], out["text_projection.bias"] = w.clone(), b.clone()
+    return out, True
+
+
+def _open_clip_model_cfg(cfg: DeCLIPConfig, proj_bias: bool) -> dict:
+    if cfg.vision == "resnet":
+        vision = dict(image_size=cfg.image_size, layers=list(cfg.vision_layers), width=cfg.vision_width,
+                      head_width=cfg.vision_width * 32 // cfg.vision_heads)
+    else:
+        vision = dict(image_size=cfg.image_size, layers=cfg.vision_layers[0], width=cfg.vision_width,
+                      patch_size=cfg.patch_size, head_width=cfg.vision_width // cfg.vision_heads)
+    text = dict(context_length=cfg.context_length, vocab_size=OPENAI_EOT_ID + 1, width=cfg.text_width,
+                heads=cfg.text_heads, layers=cfg.text_layers)
+    if proj_bias:
+        text["proj_bias"] = True
+    return dict(embed_dim=cfg.embed_dim, quick_gelu=cfg.act == "quick_gelu", vision_cfg=vision, text_cfg=text)
+
+
+def export_open_clip(model: DeCLIP, out_dir: str):
+    """open_clip's HF-hub layout in out_dir: open_clip_model.safetensors (an open_clip CLIP state dict)
+    and open_clip_config.json (architecture, activation, image statistics), so that
+    open_clip.create_model('local-dir:OUT') builds and loads it. When the text projection bias cannot
+    be folded (embed_dim above the text width), the config asks for open_clip's `proj_bias` Linear."""
+    from safetensors.torch import save_file
+
+    model = getattr(model, "module", model)
+    sd, proj_bias = to_openai_state_dict(model)
+    cfg = model.config
+    conf = {"model_cfg": _open_clip_model_cfg(cfg, proj_bias),
+            "preprocess_cfg": {"mean": list(cfg.image_mean), "std": list(cfg.image_std)}}
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in sd.items()}
+    _atomic_write(os.path.join(out_dir, "open_clip_model.safetensors"), lambda tmp: save_file(tensors, tmp))
+
+    def write_json(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(conf, indent=2) + "\n")
+
+    _atomic_write(os.path.join(out_dir, "open_clip_config.json"), write_json)
+
+
+def export_transformers(model: DeCLIP, out_dir: str):
+    """A transformers CLIPModel directory (config.json, model.safetensors, preprocessor_config.json)
+    written with save_pretrained. transformers' CLIP has only ViT image towers and a text projection
+    without bias, so ResNet models, and models whose bias cannot be folded, are refused."""
+    model = getattr(model, "module", model)
+    cfg = model.config
+    if cfg.vision != "vit":
+        raise CheckpointError("transformers' CLIPModel only has ViT image towers: export this ResNet model "
+                              "with --to open_clip")
+    sd, proj_bias = to_openai_state_dict(model)
+    if proj_bias:
+        raise CheckpointError(f"transformers' CLIPModel has no text projection bias, and this model's cannot be "
+                              f"folded into its weights (embed_dim {cfg.embed_dim} > text width {cfg.text_width}): "
+                              f"export it with --to open_clip")
+    try:
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    except ImportError:
+        raise CheckpointError("exporting to transformers needs transformers (requirements.txt)") from None
+    tower = lambda width, layers, heads: dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                                             num_attention_heads=heads, hidden_act=cfg.act, layer_norm_eps=1e-5)
+    hf_cfg = CLIPConfig(
+        text_config=dict(tower(cfg.text_width, cfg.text_layers, cfg.text_heads), vocab_size=OPENAI_EOT_ID + 1,
+                         max_position_embeddings=cfg.context_length, bos_token_id=OPENAI_SOT_ID,
+                         eos_token_id=OPENAI_EOT_ID),
+        vision_config=dict(tower(cfg.vision_width, cfg.vision_layers[0], cfg.vision_heads),
+                           image_size=cfg.image_size, patch_size=cfg.patch_size),
+        projection_dim=cfg.embed_dim, logit_scale_init_value=float(model.logit_scale.detach().reshape(())))
+    hf = CLIPModel(hf_cfg)
+    missing, unexpected = hf.load_state_dict(_openai_layout_to_hf(sd), strict=False)
+    if [k for k in missing if not k.endswith("position_ids")] or unexpected:
+        raise CheckpointError(f"transformers CLIPModel layout mismatch: missing {missing[:5]} unexpected {unexpected[:5]}")
+    hf.save_pretrained(out_dir)
+    CLIPImageProcessor(image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+                       size={"shortest_edge": cfg.image_size},
+                       crop_size={"height": cfg.image_size, "width": cfg.image_size}).save_pretrained(out_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    """python modeling_declip.py export CKPT --to open_clip|transformers OUT"""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Export a checkpoint (any format load_model reads) to the open_clip "
+                                            "or transformers layout, for open_clip, CLIP_benchmark or HF pipelines.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write CKPT in another library's layout")
+    e.add_argument("ckpt", help="the checkpoint or run directory to export")
+    e.add_argument("out", help="output directory (new or empty)")
+    e.add_argument("--to", choices=("open_clip", "transformers"), default="open_clip",
+                   help="open_clip: open_clip_model.safetensors + open_clip_config.json; transformers: a "
+                        "save_pretrained directory (ViT models only) (default: open_clip)")
+    e.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                   help="the activation of a bare state dict, which cannot say it (default: quick_gelu, with a note)")
+    args = p.parse_args(argv)
+    try:
+        if os.path.isdir(args.out) and os.listdir(args.out):
+            raise CheckpointError(f"{args.out} is not empty; give a new or empty output directory")
+        model = load_model(args.ckpt, activation=args.activation)
+        (export_open_clip if args.to == "open_clip" else export_transformers)(model, args.out)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.out} ({args.to})")
+
+
+if __name__ == "__main__":
+    main()

@@ -54,6 +54,10 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="also start AdamW from --init-from's moments, as the original attack did (spec §4.5): those of "
                         "an official DeCLIP .pth.tar, or of the run whose state/ is beside our model file "
                         "(default: fresh moments)")
+    g.add_argument("--activation", choices=md.ACTIVATIONS, default=None,
+                   help="MLP activation: of a fresh model (default quick_gelu), or of a bare state dict given as a "
+                        "checkpoint, which cannot say it (default: quick_gelu, with a note; open_clip's non-quickgelu "
+                        "models need gelu); a checkpoint that says its activation keeps it")
     g.add_argument("--mode", choices=("declip", "clip"), default="declip",
                    help="declip: 2 image x 2 text views + SimSiam + MLM + NN; clip: one view each, InfoNCE only")
     g.add_argument("--w-clip", type=float, default=0.4, help="weight of the (multi-view) CLIP InfoNCE term")
@@ -158,7 +162,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**dd.read_config(pre.config, parser, strict=True))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "model", None) is not None and args.model not in md.PRESETS:
+        raise UserError(f"--model {args.model!r} is not a preset; choose one of: {', '.join(md.PRESETS)}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,11 +559,13 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
 
     # --- model
     if args.init_from:
-        model, info = md.load_model(args.init_from, return_info=True, preset=args.model)
+        model, info = md.load_model(args.init_from, return_info=True, preset=args.model,
+                                    activation=getattr(args, "activation", None))
         if info["fresh"] and main:
             print(f"note: {args.init_from} has no {', '.join(info['fresh'])}: initialised fresh")
     else:
-        model = md.build_model(args.model or "tiny", grad_checkpointing=args.grad_checkpointing or None)
+        model = md.build_model(args.model or "tiny", grad_checkpointing=args.grad_checkpointing or None,
+                               act=getattr(args, "activation", None))
     cfg = model.config
     for t in (model.text.transformer, getattr(model.visual, "transformer", None)):
         if t is not None:
@@ -860,8 +869,8 @@ def build_defense_parser(description: str, out: str, lr: float = 1e-4, epochs: f
 def victim_paths(ckpt: str):
     """(weights file, manifest path or None) of a run directory or checkpoint file."""
     if os.path.isdir(ckpt):
-        weights = os.path.join(ckpt, "model.safetensors")
-        if not os.path.isfile(weights):
+        weights = md.checkpoint_file(ckpt)  # our run directory, or a transformers / open_clip directory
+        if weights is None:
             raise UserError(f"--ckpt {ckpt} is a directory without model.safetensors; train it first or give a file")
         d = ckpt
     elif os.path.isfile(ckpt):
@@ -907,7 +916,8 @@ def run_defense(args: argparse.Namespace, extension: Extension) -> dict:
     eval_plan = _eval_plan(args, plan)
     evaluator = EvalHook(args, eval_plan)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    before = evaluator(md.load_model(weights, device)) if not args.no_eval else None
+    act = getattr(args, "activation", None)
+    before = evaluator(md.load_model(weights, device, activation=act)) if not args.no_eval else None
     args.no_eval = True  # train() must not evaluate with a poison plan of its own
     summary = train(args, extension, train_indices=indices, record=record)
     after = evaluator(md.load_model(os.path.join(args.out_dir, "model.safetensors"), device))

@@ -241,21 +241,27 @@ def test_official_declip_pth_tar_loads_with_prefix_fc_and_feature_buffers(tmp_pa
     assert torch.allclose(loaded.encode_text(tok), model.encode_text(tok), atol=1e-5)
 
 
-def _open_clip_model(vision):
-    open_clip = pytest.importorskip("open_clip")
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+def _open_clip_cfg(vision, quick_gelu=True):
+    """An open_clip model_cfg (what open_clip_config.json holds) of a tiny CLIP."""
+    if vision == "resnet":
+        vcfg = dict(layers=[1, 2, 1, 1], width=16, image_size=64)
+    else:
+        vcfg = dict(layers=2, width=128, patch_size=8, image_size=32)
+    tcfg = dict(context_length=20, vocab_size=49408, width=64, heads=1, layers=2)
+    return dict(embed_dim=32, vision_cfg=vcfg, text_cfg=tcfg, quick_gelu=quick_gelu)
+
+
+def _open_clip_model(vision, quick_gelu=True):
+    pytest.importorskip("open_clip")
+    from open_clip.model import CLIP
 
     torch.manual_seed(0)
-    if vision == "resnet":
-        vcfg = CLIPVisionCfg(layers=(1, 2, 1, 1), width=16, image_size=64)
-    else:
-        vcfg = CLIPVisionCfg(layers=2, width=128, patch_size=8, image_size=32)
-    tcfg = CLIPTextCfg(context_length=20, vocab_size=49408, width=64, heads=1, layers=2)
-    model = CLIP(embed_dim=32, vision_cfg=vcfg, text_cfg=tcfg, quick_gelu=True).eval()
+    cfg = _open_clip_cfg(vision, quick_gelu)
+    model = CLIP(**cfg).eval()
     with torch.no_grad():  # open_clip zero-inits some tensors; randomise everything
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return model, vcfg.image_size
+    return model, cfg["vision_cfg"]["image_size"]
 
 
 def _openai_tokens(b, n):
@@ -382,3 +388,239 @@ def test_mlm_positions_given_by_the_caller_give_the_same_loss_and_gradients():
         model.nn_bank.load_bank_state(bank)
         runs.append((out["mlm"].detach(), model.text_label_predictor.weight.grad.clone()))
     assert runs[0][0] > 0 and torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+# ---------------------------------------------------------------- activations, transformers, export
+
+def _close(a, b, tol=1e-4):
+    return (a - b).abs().max().item() <= tol
+
+
+def _embeddings_match_open_clip(model, ref, size, tol=1e-4):
+    im = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        return (_close(model.encode_image(im), ref.encode_image(im), tol) and
+                _close(model.encode_text(_tokens(3, 20)), ref.encode_text(_openai_tokens(3, 20)), tol))
+
+
+@pytest.mark.parametrize("vision", ["resnet", "vit"])
+def test_open_clip_gelu_model_loads_with_gelu_from_its_config_or_the_flag(tmp_path, vision, capsys):
+    """open_clip's default is exact GELU: its HF-hub layout says so in open_clip_config.json; a bare
+    state dict cannot, so the loader says what it assumed and which flag chooses the other."""
+    import json
+    from safetensors.torch import save_file
+
+    ref, size = _open_clip_model(vision, quick_gelu=False)
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(sd, str(hub / "open_clip_model.safetensors"))
+    (hub / "open_clip_config.json").write_text(json.dumps({"model_cfg": _open_clip_cfg(vision, False)}))
+    model, info = load_model(str(hub), return_info=True)
+    assert model.config.act == "gelu" and info["notes"] == []
+    assert _embeddings_match_open_clip(model, ref, size)
+    assert "note:" not in capsys.readouterr().err
+
+    bare = str(tmp_path / "bare.pt")
+    torch.save(sd, bare)
+    guessed, info = load_model(bare, return_info=True)
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "assumed QuickGELU" in err and "--activation gelu" in err
+    assert info["activation"] == "quick_gelu" and not _embeddings_match_open_clip(guessed, ref, size, 1e-3)
+    load_model(bare)
+    assert "note:" not in capsys.readouterr().err  # once per file, however often it is loaded
+    chosen = load_model(bare, activation="gelu")
+    assert _embeddings_match_open_clip(chosen, ref, size)
+    with pytest.raises(CheckpointError, match="contradicts"):
+        load_model(str(hub), activation="quick_gelu")
+
+
+def test_activation_is_saved_in_our_metadata_and_old_files_mean_quick_gelu(tmp_path):
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = build_model("tiny-vit", act="gelu")
+    assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    path = str(tmp_path / "m.safetensors")
+    save_model(model, path)
+    assert load_model(path).config.act == "gelu"
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["config"])
+    del cfg["act"]  # a file written before the field existed
+    old = str(tmp_path / "old.safetensors")
+    save_file(md.load_model(path).state_dict(), old, metadata=dict(meta, config=json.dumps(cfg)))
+    assert load_model(old).config.act == "quick_gelu"
+
+
+def _hf_clip(tmp_path, act, eos=49407):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tower = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, hidden_act=act)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(tower, vocab_size=49408, max_position_embeddings=20, eos_token_id=eos),
+        vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=48)
+    ref = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    out = tmp_path / f"hf-{act}"
+    ref.save_pretrained(str(out))
+    return ref, out
+
+
+def _hf_features(out):
+    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output object
+
+
+def _matches_transformers(model, ref, tol=1e-4):
+    im, tok = torch.randn(3, 3, 32, 32), _openai_tokens(3, 20)
+    with torch.no_grad():
+        return (_close(model.encode_image(im), _hf_features(ref.get_image_features(pixel_values=im)), tol) and
+                _close(model.encode_text(_tokens(3, 20)), _hf_features(ref.get_text_features(input_ids=tok)), tol))
+
+
+@pytest.mark.parametrize("act,eos", [("quick_gelu", 49407), ("gelu", 49407), ("quick_gelu", 2)])
+def test_transformers_directory_loads_to_identical_embeddings(tmp_path, act, eos):
+    ref, out = _hf_clip(tmp_path, act, eos)
+    model, info = load_model(str(out), return_info=True)
+    assert info["format"] == "transformers" and model.config.act == act and info["notes"] == []
+    assert model.config.text_heads == 2 and model.config.vision_heads == 2
+    assert _matches_transformers(model, ref)
+    # the weights file alone finds its config.json; the pickle variant of the layout loads too
+    assert _matches_transformers(load_model(str(out / "model.safetensors")), ref)
+    torch.save(ref.state_dict(), str(out / "pytorch_model.bin"))
+    os.remove(out / "model.safetensors")
+    assert _matches_transformers(load_model(str(out)), ref)
+
+
+def _vit_model(act, embed_dim=32):
+    torch.manual_seed(1)
+    model = build_model(dict(vision="vit", vision_layers=(2,), vision_width=64, vision_heads=2, patch_size=8,
+                             image_size=32, embed_dim=embed_dim, context_length=20, text_width=64, text_layers=2,
+                             text_heads=2, nn_size=64, act=act)).eval()
+    assert model.text.text_projection.bias.abs().max() > 0  # a real bias for the export to carry
+    return model
+
+
+def _same_embeddings(a, b, size=32, tol=1e-4):
+    im, tok = torch.randn(3, 3, size, size), _tokens(3, 20)
+    with torch.no_grad():
+        return _close(a.encode_image(im), b.encode_image(im), tol) and _close(a.encode_text(tok), b.encode_text(tok), tol)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_export_to_transformers_loads_in_transformers_and_round_trips(tmp_path, act):
+    transformers = pytest.importorskip("transformers")
+    model = _vit_model(act)
+    out = tmp_path / "hf"
+    md.export_transformers(model, str(out))
+    ref = transformers.CLIPModel.from_pretrained(str(out), local_files_only=True).eval()
+    assert ref.config.text_config.hidden_act == act
+    assert _matches_transformers(model, ref)
+    assert _same_embeddings(load_model(str(out)), model)
+    assert list(transformers.CLIPImageProcessor.from_pretrained(str(out)).image_mean) == list(model.config.image_mean)
+
+
+def test_export_to_transformers_refuses_what_clipmodel_cannot_hold(tmp_path):
+    with pytest.raises(CheckpointError, match="only has ViT image towers"):
+        md.export_transformers(_small_rn(), str(tmp_path / "rn"))
+    with pytest.raises(CheckpointError, match="no text projection bias"):
+        md.export_transformers(_vit_model("gelu", embed_dim=96), str(tmp_path / "wide"))
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit", "vit-wide"])
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_export_to_open_clip_loads_in_open_clip_and_round_trips(tmp_path, kind, act):
+    """open_clip's own factory builds the exported directory; a ResNet (embed 32 < text width 64) and
+    a ViT fold the text projection bias into the classic layout, a wide ViT needs `proj_bias`."""
+    open_clip = pytest.importorskip("open_clip")
+    model = _small_rn(act=act, context_length=20).eval() if kind == "resnet" else _vit_model(act, 96 if kind == "vit-wide" else 32)
+    size = model.config.image_size
+    out = tmp_path / "oc"
+    md.export_open_clip(model, str(out))
+    ref = open_clip.create_model(f"local-dir:{out}").eval()
+    assert isinstance(ref.text_projection, torch.nn.Linear) == (kind == "vit-wide")
+    assert _embeddings_match_open_clip(model, ref, size)
+    assert _same_embeddings(load_model(str(out)), model, size)
+
+
+def test_export_cli_writes_a_transformers_directory_and_refuses_a_full_one(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    ckpt = str(tmp_path / "m.safetensors")
+    save_model(_vit_model("gelu"), ckpt)
+    out = str(tmp_path / "hf")
+    md.main(["export", ckpt, "--to", "transformers", out])
+    assert isinstance(transformers.CLIPModel.from_pretrained(out, local_files_only=True), transformers.CLIPModel)
+    with pytest.raises(SystemExit) as e:
+        md.main(["export", ckpt, "--to", "transformers", out])
+    assert e.value.code == 2 and "not empty" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- untrusted files
+
+def test_foreign_pickles_are_refused_on_torch_with_weights_only_bypasses(tmp_path, monkeypatch):
+    path = str(tmp_path / "oc.pt")
+    torch.save(_small_rn().state_dict(), path)
+    good = str(tmp_path / "ours.safetensors")
+    save_model(_small_rn(), good)
+    monkeypatch.setattr(torch, "__version__", "2.9.1")
+    with pytest.raises(CheckpointError, match=r"torch 2\.9\.1.*CVE-2025-32434.*torch>=2\.10"):
+        load_model(path)
+    load_model(good)  # safetensors runs no pickle: still fine
+
+
+def test_requirements_floor_is_past_the_known_weights_only_bypasses():
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "requirements.txt")) as f:
+        floor = re.search(r"^torch>=(\d+)\.(\d+)", f.read(), re.M)
+    assert floor and (int(floor.group(1)), int(floor.group(2))) >= md.SAFE_TORCH_LOAD >= (2, 10)
+
+
+def test_random_bytes_are_not_a_checkpoint_and_zip_pickles_with_code_are_refused(tmp_path):
+    rnd = tmp_path / "random.pt"
+    rnd.write_bytes(bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()))
+    with pytest.raises(CheckpointError, match="not a checkpoint in any supported format"):
+        load_model(str(rnd))
+    evil = str(tmp_path / "evil_zip.pt")
+    torch.save({"state_dict": _Evil()}, evil)  # torch's own zip format, code in data.pkl
+    with pytest.raises(CheckpointError, match=r"arbitrary code.*posix\.system|arbitrary code.*os\.system"):
+        load_model(evil)
+
+
+def test_model_file_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = str(tmp_path / "model.safetensors")
+        save_model(_small_rn(), path)
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == os.stat(tmp_path / "plain.txt").st_mode & 0o777 == 0o640
+
+
+def test_unknown_preset_is_one_line_user_error(capsys):
+    import train_declip
+
+    with pytest.raises(SystemExit) as e:
+        train_declip.run_main(train_declip.main, ["--model", "rn49"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "--model" in err and "rn49" in err and all(p in err for p in md.PRESETS)
+
+
+def test_foreign_directories_are_accepted_where_run_directories_are(tmp_path):
+    import eval_zeroshot
+    import train_declip
+
+    model = _vit_model("gelu")
+    out = tmp_path / "oc"
+    md.export_open_clip(model, str(out))
+    for weights in (train_declip.victim_paths(str(out))[0], eval_zeroshot.resolve_ckpt(str(out))[0]):
+        assert os.path.basename(str(weights)) == "open_clip_model.safetensors"
+        assert _same_embeddings(load_model(str(weights)), model)
+    with pytest.raises(CheckpointError, match="directory without a checkpoint"):
+        load_model(str(tmp_path))
