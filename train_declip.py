@@ -407,6 +407,7 @@ def init_optimizer_state(opt, names: Sequence[str], source: str) -> str:
     """Start AdamW from the moments of `source` (--init-optimizer): an official DeCLIP .pth.tar, or our
     model file whose run's state/ is beside it. Parameters are matched by name; those the source has no
     state for start fresh. Returns a one-line description."""
+    source = md.checkpoint_file(source) or source
     if source.endswith(".safetensors"):
         d = state_dir(os.path.dirname(os.path.abspath(source)))
         run_path, opt_path = os.path.join(d, "custom_checkpoint_0.pkl"), os.path.join(d, "optimizer.bin")
