@@ -383,7 +383,8 @@ class EvalHook:
         if self.dataset is not None:
             return
         if self.args.holdout:
-            base = self.base if self.base is not None else load_base(self.args, image_size)
+            # evaluation decodes its own centre crops, not the training decode
+            base = dd.square_decoding(self.base) if self.base is not None else load_base(self.args, image_size)
             n = len(base)
             self.dataset = torch.utils.data.Subset(base, list(range(n - self.args.holdout, n)))
             self.classnames = base.classnames
@@ -420,11 +421,12 @@ def unsharded(model):
         model.reshard()
 
 
-def load_base(args, image_size: int):
-    """The caption dataset named by --data and its format flags."""
+def load_base(args, image_size: int, keep_aspect: bool = False):
+    """The caption dataset named by --data and its format flags (keep_aspect: the training decode)."""
     fmt = dict(root=args.data_root, image_column=args.image_column, caption_column=args.caption_column,
                separator=args.csv_separator)
-    return dd.build_caption_dataset(args.data, image_size=image_size, **{k: v for k, v in fmt.items() if v is not None})
+    return dd.build_caption_dataset(args.data, image_size=image_size, keep_aspect=keep_aspect,
+                                    **{k: v for k, v in fmt.items() if v is not None})
 
 
 def summarize_eval(res: dict) -> str:
@@ -500,7 +502,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     model.train()
 
     # --- data
-    base = load_base(args, cfg.image_size)
+    base = load_base(args, cfg.image_size, keep_aspect=True)
     streamed = isinstance(base, torch.utils.data.IterableDataset)  # webdataset shards
     if streamed and (args.holdout or train_indices is not None or args.caption_mode == "label-consistent"):
         raise UserError("--data: streamed webdataset shards cannot be subset (--holdout, a defense's clean "
@@ -633,12 +635,12 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
             # tokens): the GPU gets index and token copies and never makes the host wait
             g = step_generator(args.seed, run.step * args.grad_accum + micro, rank, "cpu")
             images = batch["images"][:b].to(device, non_blocking=True)
-            poisoned = batch["poisoned"][:b]
-            v1 = augment(images, g, trigger, poisoned)
+            poisoned, sizes = batch["poisoned"][:b], batch["sizes"][:b]
+            v1 = augment(images, g, trigger, poisoned, sizes)
             tokens = batch["tokens"][:b]
             inputs = dict(images=v1, weights=weights)
             if declip:
-                inputs["images2"] = augment(images, g, trigger, poisoned)
+                inputs["images2"] = augment(images, g, trigger, poisoned, sizes)
                 inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
                 if weights.mlm > 0:
                     tokens, labels = dd.mask_tokens(tokens, g, args.mlm_prob)
