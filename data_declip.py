@@ -1451,16 +1451,6 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.T
     return out
 
 
-def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop pixel boxes [B,4] (x1, y1, x2, y2) of float images [B,C,H,W] and resize each to size x size:
-    bilinear, area-averaged when shrinking (roi_align, aligned). A box of the whole image is a plain
-    resize (aspect not kept); one of size x size pixels is the identity."""
-    from torchvision.ops import roi_align
-    rois = torch.cat([torch.arange(x.shape[0], device=x.device, dtype=x.dtype)[:, None],
-                      boxes.to(device=x.device, dtype=x.dtype, non_blocking=True)], dim=1)
-    return roi_align(x, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-
-
 class GpuAugment:
     """Batched MoCo-v2 views (spec 4.3 scaled to ``image_size``) on the images' device.
 
@@ -1521,8 +1511,11 @@ class GpuAugment:
         return torch.stack([left, top, left + w, top + h], dim=1)
 
     def crop(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Crop boxes [B,4] of float images and resize each to size x size (``crop_resize``)."""
-        return crop_resize(x, boxes, self.size)
+        """Crop boxes [B,4] of float images and resize each to size x size (roi_align, aligned)."""
+        from torchvision.ops import roi_align
+        rois = torch.cat([torch.arange(x.shape[0], device=x.device, dtype=x.dtype)[:, None],
+                          boxes.to(device=x.device, dtype=x.dtype, non_blocking=True)], dim=1)
+        return roi_align(x, rois, (self.size, self.size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, generator: torch.Generator, trigger: Optional[Callable] = None,

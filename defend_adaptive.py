@@ -110,29 +110,34 @@ def to_uint8(adv: torch.Tensor, clean_u8: torch.Tensor, mean: Sequence[float], s
     return (clean_u8.to(adv.device).float() + delta).clamp_(0, 255).to(torch.uint8)
 
 
+def _resize_each(images: Sequence[torch.Tensor], out_sizes: Sequence[tuple], mode: str) -> List[torch.Tensor]:
+    """uint8 images [3,h,w] each resized to its out size (antialiased, as PIL), one call per pair of sizes."""
+    out: List[Optional[torch.Tensor]] = [None] * len(images)
+    groups: dict = {}
+    for k, (im, hw) in enumerate(zip(images, out_sizes)):
+        groups.setdefault((tuple(im.shape[-2:]), tuple(hw)), []).append(k)
+    for (src, dst), rows in groups.items():
+        x = torch.stack([images[k] for k in rows])
+        if src != dst:
+            x = torch.nn.functional.interpolate(x.float(), size=dst, mode=mode, antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        for k, im in zip(rows, x):
+            out[k] = im
+    return out
+
+
 def resize_to_model(images: torch.Tensor, sizes: torch.Tensor, size: int) -> torch.Tensor:
-    """The original's MOCOV2_ADV resize (spec §6.4 A) of each whole image of a padded uint8 canvas (true
-    (h, w) in `sizes`) to exactly size x size, aspect not kept (bilinear, area-averaged when shrinking),
-    rounded to uint8; images already size x size are unchanged."""
-    boxes = torch.cat([torch.zeros_like(sizes), sizes.flip(1)], dim=1).double()  # (0, 0, w, h)
-    x = dd.crop_resize(images.float(), boxes, size)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    """The original's MOCOV2_ADV resize (spec §6.4 A): each whole image of a padded uint8 canvas (true
+    (h, w) in `sizes`) to exactly size x size, aspect not kept (bilinear); size x size images are unchanged."""
+    crops = [im[:, :h, :w] for im, (h, w) in zip(images, sizes.tolist())]
+    return torch.stack(_resize_each(crops, [(size, size)] * len(crops), "bilinear"))
 
 
 def resize_back(images: torch.Tensor, sizes: torch.Tensor) -> tuple:
     """Stored size x size adversarial images back at their images' sizes (spec §6.4 A: saved after a
-    resize back to the original size; bicubic as PIL's default, antialiased), padded into a canvas:
+    resize back to the original size; bicubic as PIL's default), padded into a canvas:
     -> (canvas uint8 [k,3,H,W], sizes [k,2]) as collate_pairs makes for clean images."""
-    out: List[Optional[torch.Tensor]] = [None] * images.shape[0]
-    for hw in {tuple(r) for r in sizes.tolist()}:
-        rows = [k for k, r in enumerate(sizes.tolist()) if tuple(r) == hw]
-        x = images[rows]
-        if hw != tuple(x.shape[-2:]):
-            x = torch.nn.functional.interpolate(x.float(), size=hw, mode="bicubic", antialias=True, align_corners=False)
-            x = x.round_().clamp_(0, 255).to(torch.uint8)
-        for k, im in zip(rows, x):
-            out[k] = im
-    return dd.pad_images(out)
+    return dd.pad_images(_resize_each(list(images), [tuple(r) for r in sizes.tolist()], "bicubic"))
 
 
 # ----------------------------------------------------------------------------------------------
