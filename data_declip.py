@@ -6,7 +6,8 @@ Everything a training step needs before the model:
 * ``mask_tokens`` (MLM view, batched on any device) and ``eda`` (EDA view, one caption, seeded).
 * Caption datasets (``build_caption_dataset``): the embedded Fashion-MNIST (default) and the formats
   researchers have (JSON lines, CSV/TSV, webdataset tar shards, Hugging Face ``datasets``). Every dataset
-  yields uint8 CHW RGB images of one square "load size" S; unreadable images and empty captions come back
+  yields uint8 CHW RGB images of one square "load size" S, or with ``keep_aspect`` (training) whole
+  images with their aspect kept at a bounded size; unreadable images and empty captions come back
   as ``None`` fields (bad samples) and are never replaced by another sample.
 * Class datasets for zero-shot evaluation (``build_class_dataset``).
 * ``TrainPairs`` / ``TrainPairsIterable`` (per-sample randomness from ``(seed, virtual index)`` only),
@@ -1482,8 +1483,12 @@ class GpuAugment:
         ``height``/``width``: one image size (ints) or each image's own (tensors [b]). The draws are the
         same either way, so images of one size get the same boxes as before per-image sizes existed."""
         gdev = generator.device
-        hgt = torch.as_tensor(height, dtype=torch.float64).to(gdev).expand(b)
-        wid = torch.as_tensor(width, dtype=torch.float64).to(gdev).expand(b)
+        def per_image(v):  # a fill for one size: no host-to-device copy
+            if torch.is_tensor(v):
+                return v.to(gdev, torch.float64).expand(b)
+            return torch.full((b,), float(v), dtype=torch.float64, device=gdev)
+
+        hgt, wid = per_image(height), per_image(width)
         area = (hgt * wid)[:, None]
         u = torch.rand(b, 10, 2, generator=generator, device=gdev, dtype=torch.float64)
         target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[..., 0])
