@@ -6,7 +6,8 @@ Everything a training step needs before the model:
 * ``mask_tokens`` (MLM view, batched on any device) and ``eda`` (EDA view, one caption, seeded).
 * Caption datasets (``build_caption_dataset``): the embedded Fashion-MNIST (default) and the formats
   researchers have (JSON lines, CSV/TSV, webdataset tar shards, Hugging Face ``datasets``). Every dataset
-  yields uint8 CHW RGB images of one square "load size" S; unreadable images and empty captions come back
+  yields uint8 CHW RGB images of one square "load size" S, or with ``keep_aspect`` (training) whole
+  images with their aspect kept at a bounded size; unreadable images and empty captions come back
   as ``None`` fields (bad samples) and are never replaced by another sample.
 * Class datasets for zero-shot evaluation (``build_class_dataset``).
 * ``TrainPairs`` / ``TrainPairsIterable`` (per-sample randomness from ``(seed, virtual index)`` only),
@@ -16,6 +17,7 @@ Everything a training step needs before the model:
 
 from __future__ import annotations
 
+import copy
 import csv
 import glob
 import gzip
@@ -488,10 +490,26 @@ TEXT_AUGS = {"declip": eda, "cleanclip": eda_cleanclip}
 # Image decoding
 # --------------------------------------------------------------------------------------------------
 
-def load_image(src, size: int) -> Optional[torch.Tensor]:
-    """Decode an image (path, bytes, file object or PIL image) to uint8 [3, size, size] RGB.
+# Training decodes keep the aspect ratio at a bounded size, so the random resized crop sees the whole
+# photo: the shorter side at most TRAIN_SHORT_SIDE x the model size and the longer at most
+# TRAIN_LONG_SIDE x (a photo is never enlarged, nor shrunk below the model size on its shorter side).
+TRAIN_SHORT_SIDE, TRAIN_LONG_SIDE = 2.0, 4.0
 
-    Resize the shorter side to ``size`` (bilinear), then center crop. Returns None when unreadable.
+
+def train_decode_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) at which a training image of that size is decoded for model size ``size``."""
+    short, long = min(width, height), max(width, height)
+    s = min(1.0, TRAIN_SHORT_SIDE * size / short, TRAIN_LONG_SIDE * size / long)
+    s = max(s, min(1.0, size / short))
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def load_image(src, size: int, keep_aspect: bool = False) -> Optional[torch.Tensor]:
+    """Decode an image (path, bytes, file object or PIL image) to uint8 [3, H, W] RGB.
+
+    Default (evaluation): resize the shorter side to ``size`` (bilinear), then center crop to
+    size x size. ``keep_aspect`` (training views): the whole image at ``train_decode_size`` (bilinear).
+    Returns None when unreadable.
     """
     from PIL import Image
     try:
@@ -502,11 +520,18 @@ def load_image(src, size: int) -> Optional[torch.Tensor]:
                 src = io.BytesIO(src)
             img = Image.open(src)
             if img.format == "JPEG":
-                img.draft("RGB", (size, size))
+                w, h = img.size
+                img.draft("RGB", train_decode_size(w, h, size) if keep_aspect else (size, size))
         img = img.convert("RGB")
         w, h = img.size
         if w < 1 or h < 1:
             return None
+        if keep_aspect:
+            nw, nh = train_decode_size(w, h, size)
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), Image.BILINEAR)
+            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+            return data.view(nh, nw, 3).permute(2, 0, 1).contiguous()
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         if (nw, nh) != (w, h):
@@ -518,6 +543,16 @@ def load_image(src, size: int) -> Optional[torch.Tensor]:
         return data.view(size, size, 3).permute(2, 0, 1).contiguous()
     except Exception:  # any decoding failure marks a bad sample
         return None
+
+
+def square_decoding(ds):
+    """``ds`` decoding size x size centre crops (for evaluation): itself, or a shallow copy of a dataset
+    built with keep_aspect (the training decode)."""
+    if not getattr(ds, "keep_aspect", False):
+        return ds
+    out = copy.copy(ds)
+    out.keep_aspect = False
+    return out
 
 
 def _resize_uint8(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -725,6 +760,7 @@ class _PathCaptionDataset(torch.utils.data.Dataset):
         self.source, self.paths, self.captions = source, paths, captions
         self.labels, self.label_names, self.root = labels, label_names, root
         self.image_size, self.with_captions = image_size, with_captions
+        self.keep_aspect = False  # True: training decode (whole image, aspect kept; see load_image)
         self.classnames = None
 
     def __len__(self) -> int:
@@ -732,7 +768,7 @@ class _PathCaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         p = self.paths[i]
-        img = load_image(os.path.join(self.root, p), self.image_size) if p else None
+        img = load_image(os.path.join(self.root, p), self.image_size, self.keep_aspect) if p else None
         item = dict(image=img, label=self.labels[i])
         if self.with_captions:
             item["caption"] = self.captions[i]
@@ -842,6 +878,7 @@ class HFCaptionDataset(torch.utils.data.Dataset):
         if isinstance(ds.features[self.image_col], datasets.Image):
             ds = ds.cast_column(self.image_col, datasets.Image(decode=False))
         self.ds, self.source, self.image_size, self.with_captions = ds, source, image_size, with_captions
+        self.keep_aspect = False  # True: training decode (whole image, aspect kept; see load_image)
         self.root = root if root is not None else (source if os.path.isdir(source) else os.path.dirname(source))
         feat = ds.features.get(self.label_col) if self.label_col else None
         self.classnames = list(feat.names) if isinstance(feat, datasets.ClassLabel) else None
@@ -854,13 +891,13 @@ class HFCaptionDataset(torch.utils.data.Dataset):
             return None
         if isinstance(v, dict):
             if v.get("bytes"):
-                return load_image(v["bytes"], self.image_size)
+                return load_image(v["bytes"], self.image_size, self.keep_aspect)
             v = v.get("path")
             if not v:
                 return None
         if isinstance(v, str):
-            return load_image(os.path.join(self.root, v), self.image_size)
-        return load_image(v, self.image_size)  # bytes or PIL image
+            return load_image(os.path.join(self.root, v), self.image_size, self.keep_aspect)
+        return load_image(v, self.image_size, self.keep_aspect)  # bytes or PIL image
 
     def __getitem__(self, i: int) -> dict:
         row = self.ds[int(i)]
@@ -958,6 +995,7 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
         self.spec, self.image_size, self.with_captions = spec, image_size, with_captions
         self.image_ext = tuple(image_ext or ("jpg", "jpeg", "png", "webp"))
         self.text_ext = text_ext
+        self.keep_aspect = False  # True: training decode (whole image, aspect kept; see load_image)
         self._sizes: Optional[list[int]] = None
         self.classnames = None
 
@@ -974,7 +1012,7 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
         img = None
         for ext in self.image_ext:
             if ext in sample:
-                img = load_image(sample[ext], self.image_size)
+                img = load_image(sample[ext], self.image_size, self.keep_aspect)
                 break
         label = _to_label(sample["cls"].decode("utf-8", "replace").strip()) if "cls" in sample else -1
         item = dict(image=img, label=label)
@@ -1059,8 +1097,9 @@ _CAPTION_OPTIONS = {"root", "image_column", "caption_column", "label_column", "s
                     "cache_dir", "image_ext", "text_ext"}
 
 
-def build_caption_dataset(data: Optional[str] = None, image_size: int = 32, **fmt):
-    """An image-caption dataset of uint8 [3,S,S] images (S = image_size), format auto-detected from ``data``.
+def build_caption_dataset(data: Optional[str] = None, image_size: int = 32, keep_aspect: bool = False, **fmt):
+    """An image-caption dataset of uint8 [3,S,S] images (S = image_size), format auto-detected from ``data``;
+    with ``keep_aspect`` (training) the images are whole, [3,H,W] at ``train_decode_size``.
 
     ``None``/'fashion-mnist'/a directory with the IDX files: Fashion-MNIST train split with generated
     captions. ``.jsonl``/``.json``: DeCLIP meta. ``.csv``/``.tsv``. ``.tar`` shards (brace pattern, glob,
@@ -1081,18 +1120,22 @@ def build_caption_dataset(data: Optional[str] = None, image_size: int = 32, **fm
         root = None if data is None or data.lower() in _FMNIST_NAMES else data
         return FashionMNISTCaptions(root, fmt.get("split", "train"), image_size)
     if kind == "jsonl":
-        return read_jsonl(data, image_size, fmt.get("root"), fmt.get("image_column"), fmt.get("caption_column"),
-                          fmt.get("label_column"))
-    if kind == "csv":
-        return read_csv(data, image_size, fmt.get("root"), fmt.get("image_column"), fmt.get("caption_column"),
-                        fmt.get("label_column"), fmt.get("sep"))
-    if kind == "webdataset":
-        return WebDatasetCaptions(data, image_size, fmt.get("image_ext"), fmt.get("text_ext", "txt"))
-    if kind == "hf":
-        return read_hf(data, image_size, fmt.get("split"), fmt.get("image_column"), fmt.get("caption_column"),
-                       fmt.get("label_column"), fmt.get("root"), fmt.get("cache_dir"))
-    raise UserError(f"--data {data} is a directory without captions (no IDX files, no save_to_disk dataset, "
-                    "no .tar or .parquet files); give a caption meta file or shards.")
+        ds = read_jsonl(data, image_size, fmt.get("root"), fmt.get("image_column"), fmt.get("caption_column"),
+                        fmt.get("label_column"))
+    elif kind == "csv":
+        ds = read_csv(data, image_size, fmt.get("root"), fmt.get("image_column"), fmt.get("caption_column"),
+                      fmt.get("label_column"), fmt.get("sep"))
+    elif kind == "webdataset":
+        ds = WebDatasetCaptions(data, image_size, fmt.get("image_ext"), fmt.get("text_ext", "txt"))
+    elif kind == "hf":
+        ds = read_hf(data, image_size, fmt.get("split"), fmt.get("image_column"), fmt.get("caption_column"),
+                     fmt.get("label_column"), fmt.get("root"), fmt.get("cache_dir"))
+    else:
+        raise UserError(f"--data {data} is a directory without captions (no IDX files, no save_to_disk dataset, "
+                        "no .tar or .parquet files); give a caption meta file or shards.")
+    ds.keep_aspect = keep_aspect
+    return ds
+
 
 
 class ImageFolderClasses(torch.utils.data.Dataset):
@@ -1324,20 +1367,42 @@ class EpochSampler(torch.utils.data.Sampler):
                 yield from (chunk + epoch * self.n).tolist()
 
 
-def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> dict:
-    """Batch training items: drop None (counted in ``n_bad``), stack uint8 images, tokenize both texts.
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [3,h,w] of any sizes -> (canvas [B,3,H,W] with image k at its top-left, sizes LongTensor[B,2]
+    of the true (h, w)). Images of one size are simply stacked. Each image's last column and row are
+    repeated once into the padding, so a bilinear read at its far edges (roi_align) sees no zeros."""
+    sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.long).view(-1, 2)
+    if all(im.shape == images[0].shape for im in images):
+        return torch.stack(list(images)), sizes
+    hh, ww = (int(v) for v in sizes.max(dim=0).values)
+    canvas = torch.zeros(len(images), images[0].shape[0], hh, ww, dtype=images[0].dtype, device=images[0].device)
+    for k, im in enumerate(images):
+        h, w = im.shape[-2:]
+        canvas[k, :, :h, :w] = im
+        if w < ww:
+            canvas[k, :, :h, w] = im[:, :, w - 1]
+        if h < hh:
+            canvas[k, :, h, :w + 1] = canvas[k, :, h - 1, :w + 1]
+    return canvas, sizes
 
-    Returns dict(images uint8[B,3,S,S], tokens, tokens_aug LongTensor[B,L], index LongTensor,
-    poisoned BoolTensor, n_bad int). A batch of only bad samples has B = 0 (images shape [0,3,0,0]).
+
+def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> dict:
+    """Batch training items: drop None (counted in ``n_bad``), pad the uint8 images into one canvas
+    (``pad_images``), tokenize both texts.
+
+    Returns dict(images uint8[B,3,H,W], sizes LongTensor[B,2] (each image's true h, w), tokens, tokens_aug
+    LongTensor[B,L], index LongTensor, poisoned BoolTensor, n_bad int). A batch of only bad samples has
+    B = 0 (images shape [0,3,0,0]).
     """
     good = [it for it in items if it is not None]
     n_bad = len(items) - len(good)
     if not good:
-        return dict(images=torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+        return dict(images=torch.empty(0, 3, 0, 0, dtype=torch.uint8), sizes=torch.empty(0, 2, dtype=torch.long),
                     tokens=torch.empty(0, context_length, dtype=torch.long),
                     tokens_aug=torch.empty(0, context_length, dtype=torch.long),
                     index=torch.empty(0, dtype=torch.long), poisoned=torch.empty(0, dtype=torch.bool), n_bad=n_bad)
-    return dict(images=torch.stack([it["image"] for it in good]),
+    images, sizes = pad_images([it["image"] for it in good])
+    return dict(images=images, sizes=sizes,
                 tokens=tokenize([it["text"] for it in good], context_length),
                 tokens_aug=tokenize([it["text_aug"] for it in good], context_length),
                 index=torch.tensor([it["index"] for it in good], dtype=torch.long),
@@ -1429,8 +1494,10 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.T
 class GpuAugment:
     """Batched MoCo-v2 views (spec 4.3 scaled to ``image_size``) on the images' device.
 
-    ``__call__(images_uint8[B,3,S,S], generator, trigger=None, poison_mask=None) -> float[B,3,s,s]``:
-    RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3; bilinear, area-averaged when shrinking, via roi_align)
+    ``__call__(images_uint8[B,3,H,W], generator, trigger=None, poison_mask=None, sizes=None) -> float[B,3,s,s]``
+    (``sizes`` [B,2]: each image's true (h, w) in a padded canvas, as collate_pairs makes; None: all H x W):
+    RandomResizedCrop of each whole image (scale 0.2-1, ratio 3/4-4/3; bilinear, area-averaged when
+    shrinking, via roi_align)
     -> trigger on rows where poison_mask is true (float [0,1] in and out) -> ColorJitter(0.4, 0.4, 0.4, 0.1)
     with p=0.8 (ops in a random order per image, as torchvision) -> grayscale p=0.2 -> Gaussian blur p=0.5
     (sigma U(0.1, 2.0) * s/224) -> hflip p=0.5 -> normalize(mean, std).
@@ -1449,36 +1516,42 @@ class GpuAugment:
         self.sigma = (0.1 * self.size / 224, 2.0 * self.size / 224)
         self.blur_radius = max(1, math.ceil(3 * self.sigma[1]))
 
-    def crop_boxes(self, b: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-        """torchvision RandomResizedCrop.get_params for b images at once -> boxes [b,4] (x1, y1, x2, y2)."""
+    def crop_boxes(self, b: int, height, width, generator: torch.Generator) -> torch.Tensor:
+        """torchvision RandomResizedCrop.get_params for b images at once -> boxes [b,4] (x1, y1, x2, y2).
+
+        ``height``/``width``: one image size (ints) or each image's own (tensors [b]). The draws are the
+        same either way, so images of one size get the same boxes as before per-image sizes existed."""
         gdev = generator.device
-        area = height * width
+        def per_image(v):  # a fill for one size: no host-to-device copy
+            if torch.is_tensor(v):
+                return v.to(gdev, torch.float64).expand(b)
+            return torch.full((b,), float(v), dtype=torch.float64, device=gdev)
+
+        hgt, wid = per_image(height), per_image(width)
+        area = (hgt * wid)[:, None]
         u = torch.rand(b, 10, 2, generator=generator, device=gdev, dtype=torch.float64)
         target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[..., 0])
         lr = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[..., 1])
         w = torch.round(torch.sqrt(target * aspect))
         h = torch.round(torch.sqrt(target / aspect))
-        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        ok = (w > 0) & (w <= wid[:, None]) & (h > 0) & (h <= hgt[:, None])
         first = ok.int().argmax(dim=1)
         any_ok = ok.any(dim=1)
         w = w.gather(1, first[:, None])[:, 0]
         h = h.gather(1, first[:, None])[:, 0]
         # fallback: central crop with the ratio clamped to range
-        in_ratio = width / height
-        if in_ratio < self.ratio[0]:
-            fw, fh = width, round(width / self.ratio[0])
-        elif in_ratio > self.ratio[1]:
-            fw, fh = round(height * self.ratio[1]), height
-        else:
-            fw, fh = width, height
-        w = torch.where(any_ok, w, torch.full_like(w, fw))
-        h = torch.where(any_ok, h, torch.full_like(h, fh))
+        in_ratio = wid / hgt
+        narrow, wide = in_ratio < self.ratio[0], in_ratio > self.ratio[1]
+        fw = torch.where(wide, torch.round(hgt * self.ratio[1]), wid)
+        fh = torch.where(narrow, torch.round(wid / self.ratio[0]), hgt)
+        w = torch.where(any_ok, w, fw)
+        h = torch.where(any_ok, h, fh)
         pos = torch.rand(b, 2, generator=generator, device=gdev, dtype=torch.float64)
-        top = torch.floor(pos[:, 0] * (height - h + 1)).clamp_max(height - h)
-        left = torch.floor(pos[:, 1] * (width - w + 1)).clamp_max(width - w)
-        top = torch.where(any_ok, top, torch.full_like(top, (height - fh) // 2))
-        left = torch.where(any_ok, left, torch.full_like(left, (width - fw) // 2))
+        top = torch.minimum(torch.floor(pos[:, 0] * (hgt - h + 1)), hgt - h)
+        left = torch.minimum(torch.floor(pos[:, 1] * (wid - w + 1)), wid - w)
+        top = torch.where(any_ok, top, torch.div(hgt - fh, 2, rounding_mode="floor"))
+        left = torch.where(any_ok, left, torch.div(wid - fw, 2, rounding_mode="floor"))
         return torch.stack([left, top, left + w, top + h], dim=1)
 
     def crop(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -1490,11 +1563,14 @@ class GpuAugment:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, generator: torch.Generator, trigger: Optional[Callable] = None,
-                 poison_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 poison_mask: Optional[torch.Tensor] = None, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, _, height, width = images.shape
         dev, gdev = images.device, generator.device
         if b == 0:  # e.g. a batch of only bad samples
             return torch.empty(0, 3, self.size, self.size, device=dev)
+        if sizes is not None:  # a padded canvas (collate_pairs): each box drawn in its own image
+            sizes = sizes.cpu() if gdev.type == "cpu" else sizes.to(gdev)
+            height, width = sizes[:, 0], sizes[:, 1]
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         x = self.crop(x, self.crop_boxes(b, height, width, generator)).clamp_(0.0, 1.0)
         # Which rows get an operation is decided where the draws (and the poison mask) live: with a CPU

@@ -12,9 +12,10 @@ Three parts, on top of the training loop of train_declip.py:
     lb/ub = min/max of x0 over H x W, eps = --adv-eps (ub - lb), alpha = --adv-alpha (ub - lb); momentum
     --adv-decay, --adv-steps iterations; the gradient is divided by its mean |.| per sample. Only the
     input gets a gradient (the teacher's parameters have requires_grad False: spec §8 item 12).
-    --adv-mode cache (default, like the original): one pass over the clean subset before training on the
-    eval view (no augmentation); the images are stored as uint8 in OUT/adv_cache.pt and go through the
-    same augmentation as clean images at every step. --adv-mode online: crafted each step on the current
+    --adv-mode cache (default, like the original): one pass over the clean subset before training on each
+    whole image resized to exactly S x S (aspect not kept, no augmentation); the images are stored as uint8
+    in OUT/adv_cache.pt with their images' sizes, resized back to them (bicubic) and put through the same
+    augmentation as clean images at every step. --adv-mode online: crafted each step on the current
     augmented views of the adversarial rows.
 (B) CropResizeCorrupt views: random resized crop with area fraction s ~ U(0.2, 1), and for s > 0.6 with
     probability 0.3 Gaussian noise (sigma 0.08 or 0.12), then the MoCo-v2 colour/blur/flip ops.
@@ -115,6 +116,36 @@ def to_uint8(adv: torch.Tensor, clean_u8: torch.Tensor, mean: Sequence[float], s
     return (clean_u8.to(adv.device).float() + delta).clamp_(0, 255).to(torch.uint8)
 
 
+def _resize_each(images: Sequence[torch.Tensor], out_sizes: Sequence[tuple], mode: str) -> List[torch.Tensor]:
+    """uint8 images [3,h,w] each resized to its out size (antialiased, as PIL), one call per pair of sizes."""
+    out: List[Optional[torch.Tensor]] = [None] * len(images)
+    groups: dict = {}
+    for k, (im, hw) in enumerate(zip(images, out_sizes)):
+        groups.setdefault((tuple(im.shape[-2:]), tuple(hw)), []).append(k)
+    for (src, dst), rows in groups.items():
+        x = torch.stack([images[k] for k in rows])
+        if src != dst:
+            x = torch.nn.functional.interpolate(x.float(), size=dst, mode=mode, antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        for k, im in zip(rows, x):
+            out[k] = im
+    return out
+
+
+def resize_to_model(images: torch.Tensor, sizes: torch.Tensor, size: int) -> torch.Tensor:
+    """The original's MOCOV2_ADV resize (spec §6.4 A): each whole image of a padded uint8 canvas (true
+    (h, w) in `sizes`) to exactly size x size, aspect not kept (bilinear); size x size images are unchanged."""
+    crops = [im[:, :h, :w] for im, (h, w) in zip(images, sizes.tolist())]
+    return torch.stack(_resize_each(crops, [(size, size)] * len(crops), "bilinear"))
+
+
+def resize_back(images: torch.Tensor, sizes: torch.Tensor) -> tuple:
+    """Stored size x size adversarial images back at their images' sizes (spec §6.4 A: saved after a
+    resize back to the original size; bicubic as PIL's default), padded into a canvas:
+    -> (canvas uint8 [k,3,H,W], sizes [k,2]) as collate_pairs makes for clean images."""
+    return dd.pad_images(_resize_each(list(images), [tuple(r) for r in sizes.tolist()], "bicubic"))
+
+
 # ----------------------------------------------------------------------------------------------
 # (B) CropResizeCorrupt
 
@@ -201,6 +232,7 @@ class AdaptiveExtension(nad.NADExtension):
         self.attack = dict(eps=eps, alpha=alpha, decay=decay, steps=steps)
         self.mask_duplicates = mask_duplicates
         self.cache: Optional[torch.Tensor] = None
+        self.cache_sizes: Optional[torch.Tensor] = None  # each cached image's training-decode (h, w)
         self.autocast = None
 
     def setup(self, accelerator, model, args, dataset):
@@ -214,7 +246,7 @@ class AdaptiveExtension(nad.NADExtension):
         args.adv_resolved = {"mode": self.mode, **self.attack, "mask_duplicates": self.mask_duplicates,
                              "attack_nn_bank": bank_source}
         if self.mode == "cache":
-            self.cache = self._load_or_build_cache(accelerator, args, dataset)
+            self.cache, self.cache_sizes = self._load_or_build_cache(accelerator, args, dataset)
 
     def _attack_weights(self, args):
         """The attacked loss's weights and where its NN term's memory bank comes from: the bank the
@@ -235,8 +267,9 @@ class AdaptiveExtension(nad.NADExtension):
         return {"teacher": os.path.abspath(self.teacher_path), "n": n, "seed": args.seed, **self.attack,
                 "image_size": self.cfg.image_size, "mode": args.mode}
 
-    def _load_or_build_cache(self, accelerator, args, dataset) -> torch.Tensor:
-        """Adversarial copies of the defense's training pairs (dataset), in its order."""
+    def _load_or_build_cache(self, accelerator, args, dataset) -> tuple:
+        """Adversarial copies of the defense's training pairs (dataset), in its order, and their images'
+        sizes."""
         path = os.path.join(args.out_dir, CACHE_NAME)
         if isinstance(dataset, torch.utils.data.IterableDataset):
             raise UserError("--adv-mode cache needs map-style clean data (streamed webdataset shards cannot be "
@@ -244,20 +277,22 @@ class AdaptiveExtension(nad.NADExtension):
         meta = self._cache_meta(args, len(dataset))
         if args.resume and os.path.isfile(path):
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if saved.get("meta") == meta:
-                return saved["images"]
-        images = self.build_cache(accelerator, args, dataset)
+            if saved.get("meta") == meta and "sizes" in saved:
+                return saved["images"], saved["sizes"]
+        images, sizes = self.build_cache(accelerator, args, dataset)
         if accelerator.is_main_process:
             tmp = path + ".tmp"
-            torch.save({"images": images, "meta": meta}, tmp)
+            torch.save({"images": images, "sizes": sizes, "meta": meta}, tmp)
             os.replace(tmp, path)
         accelerator.wait_for_everyone()
-        return images
+        return images, sizes
 
-    def build_cache(self, accelerator, args, subset) -> torch.Tensor:
+    def build_cache(self, accelerator, args, subset) -> tuple:
         """One pass over the training pairs before training: each process crafts an equal share in batches
-        of --batch-size on the eval view, and every batch is gathered, so each process holds all images
-        (uint8, n x 3 x S x S bytes in CPU memory)."""
+        of --batch-size, and every batch is gathered, so each process holds all images (uint8, n x 3 x S x S
+        bytes in CPU memory). As the original (spec §6.4 A) each whole image is resized to exactly S x S
+        (aspect not kept) and attacked without augmentation; the S x S result is stored with the image's
+        size, and resized back to it when used (resize_back). -> (images, sizes [n,2])."""
         from tqdm.auto import tqdm
 
         device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -268,6 +303,7 @@ class AdaptiveExtension(nad.NADExtension):
         per = -(-n // world)
         order = torch.arange(per * world) % n  # padded so every process crafts equally many
         images = torch.zeros(n, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
+        sizes = torch.full((n, 2), cfg.image_size, dtype=torch.long)
         bs = args.batch_size
         starts = range(0, per, bs)
         for c, start in enumerate(tqdm(starts, disable=not accelerator.is_main_process, desc="adversarial cache")):
@@ -279,7 +315,8 @@ class AdaptiveExtension(nad.NADExtension):
                                                text="a photo", text_aug="a photo", index=-1, poisoned=False)
             batch = dd.collate_pairs([it if it is not None else filler for it in items],
                                      context_length=cfg.context_length)
-            imgs = batch["images"].to(device)
+            hw = batch["sizes"].to(device)
+            imgs = resize_to_model(batch["images"].to(device), hw, cfg.image_size)
             x0 = dd.eval_transform(imgs, cfg.image_size, cfg.image_mean, cfg.image_std)
             g = torch.Generator(device=device).manual_seed(dd._int_seed(args.seed, "adv-cache", c, rank))
             inputs = dict(tokens=batch["tokens"].to(device), weights=weights)
@@ -291,9 +328,10 @@ class AdaptiveExtension(nad.NADExtension):
             adv = mi_fgsm(teacher_loss_fn(self.teacher, inputs, self.autocast, weights), views, **self.attack)[0]
             u8 = to_uint8(adv, imgs, cfg.image_mean, cfg.image_std)
             if world > 1:
-                u8 = accelerator.gather(u8)
+                u8, hw = accelerator.gather(u8), accelerator.gather(hw)
             images[torch.cat(rows)] = u8.cpu()
-        return images
+            sizes[torch.cat(rows)] = hw.cpu()
+        return images, sizes
 
     # -- each step
     def extend_batch(self, inputs: dict, batch: dict, generator: torch.Generator) -> dict:
@@ -310,10 +348,11 @@ class AdaptiveExtension(nad.NADExtension):
             if int(index.max()) >= len(self.cache):
                 raise RuntimeError(f"batch index {int(index.max())} outside the adversarial cache of {len(self.cache)} "
                                    f"images: the cache was built for another training subset")
-            adv_u8 = self.cache[index[sel.cpu()]].to(inputs["images"].device)
-            views = [self.augment(adv_u8, generator)]
+            rows = index[sel.cpu()].cpu()
+            adv_u8, hw = resize_back(self.cache[rows].to(inputs["images"].device), self.cache_sizes[rows])
+            views = [self.augment(adv_u8, generator, sizes=hw)]
             if inputs.get("images2") is not None:
-                views.append(self.augment(adv_u8, generator))
+                views.append(self.augment(adv_u8, generator, sizes=hw))
         else:
             sub = {key: (v[sel] if torch.is_tensor(v) else v) for key, v in inputs.items()}
             clean = [sub[key] for key in ("images", "images2") if sub.get(key) is not None]

@@ -55,19 +55,25 @@ class CleanCLIP(td.Extension):
         self.cfg, self.device = model.config, accelerator.device
         self.autoaugment = AutoAugment(AutoAugmentPolicy.IMAGENET)
 
-    def augmented(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def augmented(self, images, generator: torch.Generator) -> list:
         """AutoAugment each uint8 image on its own (one policy per image, as the official per-file
         augmentation), drawing from a seed taken from the step's generator."""
         seed = int(torch.randint(2 ** 62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return torch.stack([self.autoaugment(x) for x in images])
+            torch.random.default_generator.manual_seed(seed)
+            return [self.autoaugment(x) for x in images]
+
+    def view(self, images) -> torch.Tensor:
+        """CleanCLIP's processing of each (uint8, whole) image: shorter side resized to the model size,
+        centre crop, normalised."""
+        cfg = self.cfg
+        return torch.cat([dd.eval_transform(x[None], cfg.image_size, cfg.image_mean, cfg.image_std) for x in images])
 
     def make_inputs(self, batch: dict, b: int, generator: torch.Generator, views) -> dict:
-        cfg, dev = self.cfg, self.device
-        images = batch["images"][:b]
-        view = lambda x: dd.eval_transform(x.to(dev, non_blocking=True), cfg.image_size, cfg.image_mean, cfg.image_std)
-        return dict(images=view(images), images2=view(self.augmented(images, generator)),
+        dev = self.device
+        canvas = batch["images"][:b].to(dev, non_blocking=True)
+        images = [canvas[k, :, :h, :w] for k, (h, w) in enumerate(batch["sizes"][:b].tolist())]
+        return dict(images=self.view(images), images2=self.view(self.augmented(images, generator)),
                     tokens=batch["tokens"][:b].to(dev, non_blocking=True),
                     tokens_aug=batch["tokens_aug"][:b].to(dev, non_blocking=True),
                     weights=self.weights, objective="cleanclip")

@@ -465,7 +465,8 @@ class EvalHook:
         if self.dataset is not None:
             return
         if self.args.holdout:
-            base = self.base if self.base is not None else load_base(self.args, image_size)
+            # evaluation decodes its own centre crops, not the training decode
+            base = dd.square_decoding(self.base) if self.base is not None else load_base(self.args, image_size)
             n = len(base)
             self.dataset = torch.utils.data.Subset(base, list(range(n - self.args.holdout, n)))
             self.classnames = base.classnames
@@ -502,11 +503,12 @@ def unsharded(model):
         model.reshard()
 
 
-def load_base(args, image_size: int):
-    """The caption dataset named by --data and its format flags."""
+def load_base(args, image_size: int, keep_aspect: bool = False):
+    """The caption dataset named by --data and its format flags (keep_aspect: the training decode)."""
     fmt = dict(root=args.data_root, image_column=args.image_column, caption_column=args.caption_column,
                separator=args.csv_separator)
-    return dd.build_caption_dataset(args.data, image_size=image_size, **{k: v for k, v in fmt.items() if v is not None})
+    return dd.build_caption_dataset(args.data, image_size=image_size, keep_aspect=keep_aspect,
+                                    **{k: v for k, v in fmt.items() if v is not None})
 
 
 def summarize_eval(res: dict) -> str:
@@ -580,7 +582,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     model.train()
 
     # --- data
-    base = load_base(args, cfg.image_size)
+    base = load_base(args, cfg.image_size, keep_aspect=True)
     streamed = isinstance(base, torch.utils.data.IterableDataset)  # webdataset shards
     if streamed and (args.holdout or train_indices is not None or args.caption_mode == "label-consistent"):
         raise UserError("--data: streamed webdataset shards cannot be subset (--holdout, a defense's clean "
@@ -692,11 +694,11 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         """The loop's own DeCLIP.forward inputs for the first b rows: MoCo-v2 image views (the trigger on
         poisoned rows), the caption (MLM-masked in DeCLIP mode) and its second view."""
         images = batch["images"][:b].to(device, non_blocking=True)
-        poisoned = batch["poisoned"][:b]
+        poisoned, sizes = batch["poisoned"][:b], batch["sizes"][:b]
         tokens = batch["tokens"][:b]
-        inputs = dict(images=augment(images, g, trigger, poisoned), weights=weights)
+        inputs = dict(images=augment(images, g, trigger, poisoned, sizes), weights=weights)
         if declip:
-            inputs["images2"] = augment(images, g, trigger, poisoned)
+            inputs["images2"] = augment(images, g, trigger, poisoned, sizes)
             inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
             if weights.mlm > 0:
                 tokens, labels = dd.mask_tokens(tokens, g, args.mlm_prob)

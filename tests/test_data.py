@@ -701,3 +701,139 @@ def test_cuda_views_and_masks_equal_cpu_given_a_cpu_generator():
         aug224(big, g)
     out = aug224(big, g)
     assert out.shape == (256, 3, 224, 224) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# real photos: training views see the whole non-square image
+# ------------------------------------------------------------------------------------------------
+
+def _box_stats(boxes, dh, dw, full_h, full_w):
+    """Statistics of pixel boxes (x1, y1, x2, y2) in a dh x dw image, in fractions of the image (aspect
+    ratio in the full_h x full_w original's pixels)."""
+    boxes = boxes.double()
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area = bw * bh / (dw * dh)
+    aspect = (bw / dw * full_w) / (bh / dh * full_h)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2 / dw, (boxes[:, 1] + boxes[:, 3]) / 2 / dh
+    sides_x = ((boxes[:, 0] == 0) | (boxes[:, 2] == dw)).double()
+    sides_y = ((boxes[:, 1] == 0) | (boxes[:, 3] == dh)).double()
+    return dict(area=area.mean(), area_std=area.std(), aspect=aspect.mean(), aspect_std=aspect.std(),
+                cx=cx.mean(), cx_std=cx.std(), cy=cy.mean(), cy_std=cy.std(), sides_x=sides_x.mean(),
+                sides_y=sides_y.mean())
+
+
+TOL = dict(area=0.012, area_std=0.012, aspect=0.03, aspect_std=0.03, cx=0.012, cx_std=0.012, cy=0.012,
+           cy_std=0.012, sides_x=0.03, sides_y=0.03)
+
+
+def _close(a, b):
+    return {k: abs(float(a[k]) - float(b[k])) <= TOL[k] for k in TOL}
+
+
+def test_random_resized_crop_of_non_square_photos_matches_torchvision_statistics():
+    from torchvision.transforms import RandomResizedCrop
+    n, size = 2500, 100  # photos within the training decode bounds are decoded at their own size
+    shapes = [(300, 150), (150, 400)]  # (width, height) of the source photos
+    imgs = [D.load_image(png_bytes((90, 90, 90), wh), size, keep_aspect=True) for wh in shapes]
+    for (w, h), img in zip(shapes, imgs):
+        dh, dw = img.shape[-2:]
+        assert abs(dw / dh - w / h) < 0.02 and min(dh, dw) >= size  # aspect kept, never below the model size
+    # one batch mixing both photos: each box drawn in its own image's size
+    sizes = torch.tensor([tuple(imgs[k % 2].shape[-2:]) for k in range(2 * n)])
+    boxes = D.GpuAugment(size).crop_boxes(2 * n, sizes[:, 0], sizes[:, 1], torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    for k, ((w, h), img) in enumerate(zip(shapes, imgs)):
+        dh, dw = img.shape[-2:]
+        ours = _box_stats(boxes[k::2], dh, dw, h, w)
+        ref = torch.tensor([RandomResizedCrop.get_params(torch.zeros(1, h, w), (0.2, 1.0), (3 / 4, 4 / 3))
+                            for _ in range(n)], dtype=torch.float64)  # (top, left, height, width)
+        ref = torch.stack([ref[:, 1], ref[:, 0], ref[:, 1] + ref[:, 3], ref[:, 0] + ref[:, 2]], dim=1)
+        theirs = _box_stats(ref, h, w, h, w)
+        assert all(_close(ours, theirs).values()), (w, h, ours, theirs)
+        # the old decode (shorter-side resize + centre crop) cropped inside the centre square only:
+        # these tolerances reject it
+        side = min(h, w)
+        sq = D.GpuAugment(size).crop_boxes(n, side, side, torch.Generator().manual_seed(1))
+        sq = sq + torch.tensor([(w - side) // 2, (h - side) // 2] * 2, dtype=sq.dtype)
+        old = _box_stats(sq, h, w, h, w)
+        assert not all(_close(old, theirs).values())
+
+
+def test_training_views_see_the_whole_wide_photo_and_never_the_padding(tmp_path):
+    wide = Image.new("RGB", (120, 40), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 8, 40))  # a red stripe along the left edge
+    wide.save(tmp_path / "wide.png")
+    Image.new("RGB", (30, 90), (255, 255, 255)).save(tmp_path / "tall.png")
+    rows = [dict(filename="wide.png", caption="a wide photo"), dict(filename="tall.png", caption="a tall one")]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = D.build_caption_dataset(str(tmp_path / "m.jsonl"), image_size=16, keep_aspect=True)
+    w_img, t_img = ds[0]["image"], ds[1]["image"]
+    assert abs(w_img.shape[2] / w_img.shape[1] - 3) < 0.1 and abs(t_img.shape[1] / t_img.shape[2] - 3) < 0.1
+    assert int(w_img[0, :, 0].min()) == 255 and int(w_img[2, :, 0].max()) == 0  # the stripe is kept
+    # the evaluation decode of the same dataset is still the 16 x 16 centre crop, without the stripe
+    sq = D.square_decoding(ds)[0]["image"]
+    assert tuple(sq.shape) == (3, 16, 16) and int(sq[0].max()) < 50 and ds.keep_aspect
+    pairs = D.TrainPairs(ds, seed=0, eda=False)
+    batch = D.collate_pairs([pairs[v] for v in range(400)], context_length=8)
+    assert batch["sizes"].tolist()[:2] == [list(w_img.shape[1:]), list(t_img.shape[1:])]
+    views = D.GpuAugment(16, (0, 0, 0), (1, 1, 1), mocov2=False)(
+        batch["images"], torch.Generator().manual_seed(0), sizes=batch["sizes"])
+    red = (views[0::2, 0] > 0.9) & (views[0::2, 2] < 0.1)  # pixels of the stripe in the wide photo's views
+    frac = red.flatten(1).any(dim=1).float().mean().item()
+    assert 0.02 < frac < 0.5, frac  # the centre crop of old never held it
+    # the tall white photo sits in a zero-padded canvas: its views are white to the edges
+    assert float(views[1::2].min()) > 0.999
+
+
+FORMATS = ("jsonl", "csv", "webdataset", "hf")
+
+
+def _non_square_data(tmp_path, fmt, n=16):
+    """n non-square PNG + caption pairs (landscape and portrait, several sizes) in format `fmt`."""
+    shapes = [(40, 24), (22, 44), (50, 30), (28, 36)]
+    pngs = [png_bytes((k * 13 % 256, 90, 200 - k), shapes[k % 4]) for k in range(n)]
+    caps = [f"a photo of thing number {k}" for k in range(n)]
+    for k, b in enumerate(pngs):
+        (tmp_path / f"{k}.png").write_bytes(b)
+    if fmt == "jsonl":
+        (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(dict(filename=f"{k}.png", caption=c))
+                                                    for k, c in enumerate(caps)))
+        return str(tmp_path / "m.jsonl")
+    if fmt == "csv":
+        with open(tmp_path / "m.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["filepath", "title"])
+            w.writerows([f"{k}.png", c] for k, c in enumerate(caps))
+        return str(tmp_path / "m.csv")
+    if fmt == "webdataset":
+        write_shard(tmp_path / "s-0.tar", [(f"k{k:03d}", {"png": b, "txt": c.encode()})
+                                           for k, (b, c) in enumerate(zip(pngs, caps))])
+        return str(tmp_path / "s-0.tar")
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict({"image": [str(tmp_path / f"{k}.png") for k in range(n)], "caption": caps}) \
+        .cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    return str(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_data_format_trains_on_non_square_photos(tmp_path, fmt):
+    import train_declip as td
+
+    class Sizes(td.Extension):
+        seen = []
+
+        def extend_batch(self, inputs, batch, generator):
+            self.seen.append(batch["sizes"].cpu())
+            assert inputs["images"].shape[-2:] == (32, 32)
+            return inputs
+
+    data = _non_square_data(tmp_path, fmt)
+    args = td.parse_args(td.build_parser(), ["--data", data, "--out-dir", str(tmp_path / "run"), "--batch-size", "8",
+                                             "--max-steps", "2", "--no-eval", "--precision", "no", "--save-every", "0",
+                                             "--log-every", "1", "--workers", "0"])
+    ext = Sizes()
+    summary = td.train(args, extension=ext)
+    assert summary["steps"] == 2 and summary["bad_samples"] == 0
+    sizes = torch.cat(ext.seen)
+    assert (sizes[:, 0] != sizes[:, 1]).all() and len(set(map(tuple, sizes.tolist()))) > 1

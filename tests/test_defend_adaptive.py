@@ -226,6 +226,59 @@ def test_attack_uses_the_teachers_trained_memory_bank_and_leaves_the_nn_term_out
     assert "left out" in args.adv_resolved["attack_nn_bank"]
 
 
+class _Acc1(_Acc):
+    process_index, num_processes = 0, 1
+
+    @staticmethod
+    def wait_for_everyone():
+        pass
+
+
+def test_cache_crafts_on_a_model_size_resize_of_each_photo_and_resizes_it_back(tmp_path):
+    """spec §6.4 A: each whole photo resized to exactly S x S (aspect not kept) is attacked; the result is
+    used at the photo's own size (resized back, bicubic), with the photo's crop statistics."""
+    from PIL import Image
+    import numpy as np
+    import torchvision.transforms.functional as TF
+
+    teacher = _teacher(1)
+    path = str(tmp_path / "t.safetensors")
+    md.save_model(teacher, path)
+    student = _teacher(2).train()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(60, 40), (30, 50), (32, 32), (44, 36)]  # (w, h); one already 32 x 32
+    rows = []
+    for k, (w, h) in enumerate(shapes):
+        arr = TF.gaussian_blur(torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8), 5, 1.5)
+        Image.fromarray(arr.permute(1, 2, 0).numpy()).save(tmp_path / f"{k}.png")
+        rows.append(json.dumps(dict(filename=f"{k}.png", caption=f"a photo of thing {k}")))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows))
+    ds = dd.build_caption_dataset(str(tmp_path / "m.jsonl"), image_size=32, keep_aspect=True)
+    clean = [ds[k]["image"] for k in range(4)]
+    args = td.parse_args(adp.build_parser(), ["--out-dir", str(tmp_path), "--batch-size", "4"])
+    ext = adp.AdaptiveExtension(path, mode="cache")
+    ext.setup(_Acc1(), student, args, ds)
+    assert ext.cache.shape == (4, 3, 32, 32)
+    assert ext.cache_sizes.tolist() == [[h, w] for w, h in shapes] == [list(c.shape[1:]) for c in clean]
+    for k, img in enumerate(clean):  # within eps of torchvision's Resize((32, 32)) of the whole photo
+        ref = TF.resize(img, [32, 32], antialias=True).float()
+        eps = 0.0125 * (ref.amax(dim=(1, 2), keepdim=True) - ref.amin(dim=(1, 2), keepdim=True))
+        d = ext.cache[k].float() - ref
+        assert (d.abs() <= eps + 1e-4).all() and (d != 0).any(), k
+    canvas, hw = adp.resize_back(ext.cache, ext.cache_sizes)
+    assert hw.tolist() == ext.cache_sizes.tolist() and canvas.shape == (4, 3, 50, 60)
+    for k, (w, h) in enumerate(shapes):  # PIL's default (bicubic) resize back to the photo's size
+        pil = np.asarray(Image.fromarray(ext.cache[k].permute(1, 2, 0).numpy()).resize((w, h)))
+        assert (canvas[k, :, :h, :w].float() - torch.from_numpy(pil.copy()).permute(2, 0, 1).float()).abs().max() <= 1
+    assert torch.equal(canvas[2, :, :32, :32], ext.cache[2])  # a 32 x 32 photo is never resampled
+    # each step: the adversarial rows' views come from their whole photos
+    imgs, text = _batch(student, b=4)
+    aug = dd.GpuAugment(32)
+    inputs = dict(images=aug(imgs, g), images2=aug(imgs, g), **text)
+    out = ext.extend_batch(inputs, dict(index=torch.arange(4)), torch.Generator().manual_seed(5))
+    assert out["images"].shape == (6, 3, 32, 32) and out["images2"].shape == (6, 3, 32, 32)
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 import data_declip as dd
 import defend_finetune as dft
@@ -66,12 +67,28 @@ def test_autoaugment_view_is_per_image_and_a_function_of_the_step_generator():
     ext = dft.CleanCLIP()
     ext.setup(type("A", (), {"device": torch.device("cpu")})(), md.build_model("tiny"), None, None)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    a = ext.augmented(images, torch.Generator().manual_seed(5))
-    b = ext.augmented(images, torch.Generator().manual_seed(5))
-    c = ext.augmented(images, torch.Generator().manual_seed(6))
+    a, b, c = (torch.stack(ext.augmented(images, torch.Generator().manual_seed(s))) for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     changed = [(a[k] != images[k]).float().mean().item() for k in range(16)]
     assert len({round(v, 4) for v in changed}) > 3  # different policies per image, not one for the batch
+
+
+def test_cleanclip_views_are_the_whole_photo_resized_and_centre_cropped():
+    """CleanCLIP's processor: Resize(S) on the shorter side, CenterCrop(S), of the whole image (not of
+    the canvas the loader pads photos into)."""
+    ext = dft.CleanCLIP()
+    ext.setup(type("A", (), {"device": torch.device("cpu")})(), md.build_model("tiny"), None, None)
+    g = torch.Generator().manual_seed(0)
+    wide, tall = torch.randint(0, 256, (3, 40, 100), generator=g, dtype=torch.uint8), \
+        torch.randint(0, 256, (3, 90, 45), generator=g, dtype=torch.uint8)
+    batch = dict(images=dd.pad_images([wide, tall])[0], sizes=torch.tensor([[40, 100], [90, 45]]),
+                 tokens=dd.tokenize(["a", "b"], 77), tokens_aug=dd.tokenize(["a", "b"], 77))
+    inputs = ext.make_inputs(batch, 2, torch.Generator().manual_seed(1), None)
+    for k, img in enumerate((wide, tall)):
+        ref = TF.center_crop(TF.resize(img.float() / 255, 32, antialias=True), 32)
+        ref = TF.normalize(ref.clamp(0, 1), ext.cfg.image_mean, ext.cfg.image_std)
+        assert (inputs["images"][k] - ref).abs().max() < 2e-5
+    assert inputs["images2"].shape == (2, 3, 32, 32) and inputs["objective"] == "cleanclip"
 
 
 @pytest.mark.parametrize("mode", ["clip", "declip"])
