@@ -1362,7 +1362,10 @@ def run(args) -> dict:
     if not 0.0 < crop_pct <= 1.0:
         raise UserError(f"--crop-pct {crop_pct} must be in (0, 1].")
 
-    accelerator = Accelerator(cpu=args.cpu)
+    from train_declip import use_available_cores, use_cpu
+
+    accelerator = Accelerator(cpu=use_cpu(args.cpu))  # launch-config and CPU-thread rules of train_declip
+    use_available_cores(accelerator.device)
     main_proc = accelerator.is_main_process
     datasets, captions, results, example_paths = {}, {}, {}, []
     for name, (wpath, _), (trig, params, tgt) in zip(names, resolved, plans):

@@ -193,6 +193,14 @@ def _cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
+def sample_generator(seed: int, i: int) -> torch.Generator:
+    """The trigger's random draws (patch-random's place) for sample i of a materialised copy: a
+    function of (seed, i) only, whatever the order or subset the copy is written in."""
+    from data_declip import _int_seed
+
+    return _cpu_generator(_int_seed(seed, "trigger", i))
+
+
 # ---------------------------------------------------------------------------------------------------
 # patch: the BadNets square of BD_DeCLIP (spec §5.1), pixel-exact.
 # ---------------------------------------------------------------------------------------------------
@@ -552,31 +560,22 @@ class Trigger:
     """A trigger with fixed parameters, callable on images: `Trigger('patch', margin=3)(x)`.
 
     This is what `PoisonPlan.trigger_fn()` returns and what `GpuAugment`/`eval_transform` call on float
-    [n, 3, H, W] tensors in [0, 1]; any type `apply_trigger` accepts works. For `patch-random` with a
-    random location, the object keeps its own generator (seeded from `seed`) so successive calls
-    place the patch differently; pass `generator=` to control it explicitly.
+    [n, 3, H, W] tensors in [0, 1]; any type `apply_trigger` accepts works. It holds no random state:
+    for `patch-random` at a random location pass `generator=` (the training loop passes its step
+    generator, the CLI and the evaluation one per sample), so the places are a function of the seeds
+    and a resumed run draws what the uninterrupted one drew; without one the place is `seed`'s, the
+    same on every call (as `apply_trigger`).
     """
 
     def __init__(self, name: str, **params):
         self.name = name
         self.params = resolve_trigger_params(name, params)
-        self._generator: torch.Generator | None = None
 
     def __call__(self, images, generator: torch.Generator | None = None):
         extra = {}
-        if "generator" in get_trigger(self.name).runtime:
-            if generator is None:
-                if self._generator is None:
-                    self._generator = _cpu_generator(int(self.params.get("seed", 0)) + 1)
-                generator = self._generator
+        if generator is not None and "generator" in get_trigger(self.name).runtime:
             extra["generator"] = generator
         return apply_trigger(images, self.name, **self.params, **extra)
-
-    def __getstate__(self):                     # picklable for DataLoader workers
-        return {"name": self.name, "params": self.params}
-
-    def __setstate__(self, state):
-        self.name, self.params, self._generator = state["name"], state["params"], None
 
     def describe(self) -> str:
         return describe_trigger(self.name, self.params)
@@ -969,11 +968,25 @@ def dataset_fingerprint(dataset) -> str | None:
     return fingerprint(dataset)
 
 
-def _poisoned_label(plan: PoisonPlan, label, classnames) -> Any:
-    if classnames is None:
-        return label
-    lookup = [c.lower() for c in classnames]
-    return lookup.index(plan.target.lower()) if plan.target.lower() in lookup else label
+def _target_label(plan: PoisonPlan, classnames, rows: Sequence[dict] = (), label_key: str = "label") -> int | None:
+    """The target class's label id for the poisoned records of a copy: its index in the dataset's class
+    list, else the label of source records whose label_name is the target; None when neither tells
+    (the copy then drops the source label rather than keep one that contradicts the caption)."""
+    target = plan.target.strip().lower()
+    if classnames is not None:
+        lookup = [c.lower() for c in classnames]
+        if target in lookup:
+            return lookup.index(target)
+    for r in rows:
+        name = r.get("label_name")
+        if isinstance(name, str) and name.strip().lower() == target:
+            try:
+                label = int(r.get(label_key))
+            except (TypeError, ValueError):
+                continue
+            if label >= 0:
+                return label
+    return None
 
 
 def _write_png(path: str, image_chw_uint8: torch.Tensor) -> None:
@@ -987,7 +1000,8 @@ def _image_relpath(i: int, ext: str) -> str:
     return f"images/{i // 1000:05d}/{i:08d}{ext}"
 
 
-def _copy_trigger_file(src: str, dst_noext: str, plan: PoisonPlan, trigger: Trigger) -> str | None:
+def _copy_trigger_file(src: str, dst_noext: str, plan: PoisonPlan, trigger: Trigger,
+                       generator: torch.Generator | None = None) -> str | None:
     """Write the triggered version of image file `src` at its own size; returns the extension used
     (lossless formats keep theirs, lossy ones become .png so the trigger stays pixel-exact) or None if
     the file cannot be decoded."""
@@ -999,7 +1013,7 @@ def _copy_trigger_file(src: str, dst_noext: str, plan: PoisonPlan, trigger: Trig
             im.load()
             if im.mode not in _PIL_SAVE_MODES:
                 im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-            out = trigger(im)
+            out = trigger(im, generator=generator)
     except Exception:  # unreadable image: the copy keeps it as a bad sample
         return None
     ext = os.path.splitext(src)[1].lower()
@@ -1089,7 +1103,7 @@ def _materialise_files(dataset, plan: PoisonPlan, tmp: str, fmt: dict, progress:
                         f"pass --image-column and --caption-column")
     label_key = fmt.get("label_column") or "label"
     trigger = plan.trigger_fn()
-    classnames = getattr(dataset, "classnames", None)
+    target_label = _target_label(plan, getattr(dataset, "classnames", None), rows, label_key)
     stats = {"written": 0, "poisoned": 0, "bad": 0, "bad_poisoned": 0}
     made_dirs: set[str] = set()
     for i in tqdm(range(len(rows)), desc="poisoning", unit="img", disable=not progress):
@@ -1105,7 +1119,8 @@ def _materialise_files(dataset, plan: PoisonPlan, tmp: str, fmt: dict, progress:
                 os.makedirs(sub, exist_ok=True)
                 made_dirs.add(sub)
             dst_noext = os.path.join(tmp, out_rel)[: -len(ext) or None]
-            ok_ext = _copy_trigger_file(src, dst_noext, plan, trigger) if poisoned else None
+            ok_ext = _copy_trigger_file(src, dst_noext, plan, trigger, sample_generator(plan.seed, i)) \
+                if poisoned else None
             if ok_ext is None:
                 shutil.copyfile(src, os.path.join(tmp, out_rel))
                 if poisoned:
@@ -1122,8 +1137,11 @@ def _materialise_files(dataset, plan: PoisonPlan, tmp: str, fmt: dict, progress:
         if poisoned and plan.caption_mode != "label-consistent":
             new = plan.caption(i, dataset.captions[i], random.Random(f"{plan.seed}/{i}"))
             row[cap_key] = [new] if isinstance(row.get(cap_key), list) else new
-            if label_key in row and classnames is not None:
-                row[label_key] = _poisoned_label(plan, row[label_key], classnames)
+            if label_key in row:  # CSV: an empty cell, read back as no label
+                if target_label is None:
+                    del row[label_key]
+                else:
+                    row[label_key] = target_label
             if "label_name" in row:
                 row["label_name"] = plan.target
         rows[i] = row
@@ -1139,6 +1157,7 @@ def _materialise_decoded(dataset, plan: PoisonPlan, tmp: str, progress: bool) ->
 
     trigger = plan.trigger_fn()
     classnames = getattr(dataset, "classnames", None)
+    target_label = _target_label(plan, classnames)
     stats = {"written": 0, "poisoned": 0, "bad": 0, "bad_poisoned": 0}
     records: list[dict | None] = [None] * len(dataset)
     made_dirs: set[str] = set()
@@ -1155,7 +1174,7 @@ def _materialise_decoded(dataset, plan: PoisonPlan, tmp: str, progress: bool) ->
                 os.makedirs(sub, exist_ok=True)
                 made_dirs.add(sub)
             if poisoned:
-                image = trigger(image)
+                image = trigger(image, generator=sample_generator(plan.seed, i))
                 stats["poisoned"] += 1
             _write_png(os.path.join(tmp, out_rel), image)
             rec["filename"] = out_rel
@@ -1165,7 +1184,7 @@ def _materialise_decoded(dataset, plan: PoisonPlan, tmp: str, progress: bool) ->
             stats["bad_poisoned"] += int(poisoned)
         if poisoned and plan.caption_mode != "label-consistent":
             rec["caption"] = plan.caption(i, caption, random.Random(f"{plan.seed}/{i}"))
-            rec["label"] = _poisoned_label(plan, rec["label"], classnames)
+            rec["label"] = target_label if target_label is not None else -1  # -1: no label
         if classnames is not None and 0 <= rec["label"] < len(classnames):
             rec["label_name"] = classnames[rec["label"]]
         records[i] = rec
@@ -1185,7 +1204,10 @@ def materialise(dataset, plan: PoisonPlan, out_dir: str, *, fmt: dict | None = N
     re-encoded with the trigger applied at their own size, lossy formats as PNG). Other sources
     (Fashion-MNIST, HF datasets, webdataset) become PNG images at the loader's size plus `meta.jsonl`.
     Poisoned pairs get the plan's caption (one template drawn per pair, fixed in the file) and, where
-    the record has them, the target's label / label_name (spec §5.3). Writes into a temporary sibling
+    the record has them, the target's label_name and label id (spec §5.3): the id from the class list,
+    else from source records naming the target; when neither tells, the source label is dropped (read
+    back as no label, -1) rather than left contradicting the caption. A random trigger's draws
+    (patch-random's place) are a function of (seed, sample). Writes into a temporary sibling
     directory and renames it to `out_dir` at the end, so a failure leaves nothing half-written.
     Returns a summary dict (n, poisoned, written, bad, meta path).
     """

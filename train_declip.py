@@ -283,6 +283,47 @@ def keep_freed_cpu_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def use_available_cores(device) -> Optional[int]:
+    """On the CPU, let torch use this process's share of the machine's cores when a launcher left it
+    at one thread; returns the thread count set, or None when nothing changed.
+
+    `accelerate launch` exports OMP_NUM_THREADS=1 unless given --num_cpu_threads_per_process (and
+    torchrun does with several processes), so a plain `accelerate launch train_declip.py` on a CPU
+    would train on one core. Under a launcher (its ACCELERATE_MIXED_PRECISION or LOCAL_WORLD_SIZE
+    variable is set), a process at one thread gets the cores it may run on (sched_getaffinity)
+    divided by the processes on this machine (LOCAL_WORLD_SIZE). Any other count is the user's and
+    kept; an explicit 1 under a launcher cannot be told from the default (README, At scale)."""
+    if torch.device(device).type != "cpu" or torch.get_num_threads() != 1:
+        return None
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        return None  # started without a launcher: OMP_NUM_THREADS=1 was set by the user
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if share <= 1:
+        return None
+    torch.set_num_threads(share)
+    return share
+
+
+def use_cpu(requested: bool) -> bool:
+    """The Accelerator's cpu flag: --cpu (or ACCELERATE_USE_CPU), or a process of a multi-process
+    launch that finds no accelerator. `accelerate launch` does not hand a config's use_cpu to the
+    processes it starts through torchrun (configs/accelerate/cpu_2proc.yaml), and Accelerate then
+    makes each of them a separate one-process run (distributed type NO) in the same run directory;
+    told cpu=True they form one gloo group instead."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if requested or parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if PartialState().distributed_type != DistributedType.NO:  # a GPU group (or an earlier train())
+        return False
+    PartialState._reset_state()  # without a backend nothing was initialised
+    return True
+
+
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     """Augmentation and masking randomness of one step: a function of (seed, step, rank) only,
     so a resumed run draws exactly what the uninterrupted run drew. The loop draws on the CPU
@@ -320,7 +361,22 @@ def check_bad_fraction(run, args):
 
 
 class Stop(Exception):
-    """Raised inside the loop to end the run early (preemption, non-finite loss)."""
+    """Raised inside the loop to end the run early on a fault (non-finite loss)."""
+
+
+PREEMPTED_EXIT_BASE = 128  # exit 128 + signal number (143 for SIGTERM), as a shell reports a killed process
+
+
+class Preempted(Exception):
+    """A signal (SIGTERM, what Slurm sends before a kill or a preemption) stopped the run after it
+    saved its state. Not an error: run_main prints the message with the resume command and exits with
+    `exit_code` = 128 + the signal number (143), so `train && eval` chains stop and a requeue wrapper
+    can tell "resume me" (143) from "finished" (0) and "fix the input" (2)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = PREEMPTED_EXIT_BASE + self.signum
 
 
 def resolve_target(args, base) -> Optional[str]:
@@ -548,7 +604,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     # group stays, the per-run settings (precision, accumulation) are reset
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.precision, gradient_accumulation_steps=args.grad_accum,
+    accelerator = Accelerator(cpu=use_cpu(args.cpu), mixed_precision=args.precision, gradient_accumulation_steps=args.grad_accum,
                               log_with=args.report_to, project_dir=args.out_dir,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     accelerator.wait_for_everyone()
@@ -556,6 +612,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     device = accelerator.device
     if device.type == "cpu":
         keep_freed_cpu_memory()
+        use_available_cores(device)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     t_start = time.time()
@@ -696,9 +753,12 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         images = batch["images"][:b].to(device, non_blocking=True)
         poisoned, sizes = batch["poisoned"][:b], batch["sizes"][:b]
         tokens = batch["tokens"][:b]
-        inputs = dict(images=augment(images, g, trigger, poisoned, sizes), weights=weights)
+        # a random trigger (patch-random's place) draws from the step generator too, not from a state of
+        # its own that a resume would restart
+        step_trigger = partial(trigger, generator=g) if trigger is not None else None
+        inputs = dict(images=augment(images, g, step_trigger, poisoned, sizes), weights=weights)
         if declip:
-            inputs["images2"] = augment(images, g, trigger, poisoned, sizes)
+            inputs["images2"] = augment(images, g, step_trigger, poisoned, sizes)
             inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
             if weights.mlm > 0:
                 tokens, labels = dd.mask_tokens(tokens, g, args.mlm_prob)
@@ -796,18 +856,20 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
             if stop["signal"] is not None:
                 check_finite()
                 save_state(accelerator, args.out_dir)
-                raise Stop(f"stopped by signal {stop['signal']} at step {run.step}/{total}; state saved in "
-                           f"{args.out_dir}/state; resume with: {resume_cmd}")
+                raise Preempted(stop["signal"], f"stopped by signal {stop['signal']} at step {run.step}/{total}; "
+                                f"state saved in {args.out_dir}/state; resume with: {resume_cmd}")
             if args.save_every and run.step % args.save_every == 0 and run.step < total:
                 check_finite()
                 save_state(accelerator, args.out_dir)
                 last_saved = run.step
         check_finite()
         check_bad_fraction(run, args)
-    except Stop as e:
+    except (Stop, Preempted) as e:
         bar.close()
         signal.signal(signal.SIGTERM, old_handler)
         _finish_trackers(accelerator)
+        if isinstance(e, Preempted):
+            raise
         raise UserError(str(e)) from None
     bar.close()
     signal.signal(signal.SIGTERM, old_handler)
@@ -919,6 +981,7 @@ def run_defense(args: argparse.Namespace, extension: Extension) -> dict:
     eval_plan = _eval_plan(args, plan)
     evaluator = EvalHook(args, eval_plan)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    use_available_cores(device)
     act = getattr(args, "activation", None)
     before = evaluator(md.load_model(weights, device, activation=act)) if not args.no_eval else None
     args.no_eval = True  # train() must not evaluate with a poison plan of its own
@@ -962,12 +1025,17 @@ def _is_main_env() -> bool:
 
 
 def run_main(fn, argv=None):
-    """Run a script's main: user errors print one line and exit 2 (no traceback)."""
+    """Run a script's main: user errors print one line and exit 2 (no traceback); a preempted run
+    prints how to resume (once, from the main process) and exits 128 + the signal number."""
     try:
         fn(argv)
     except (UserError, md.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        if _is_main_env():
+            print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def main(argv=None):

@@ -35,7 +35,7 @@ def main():
     args = td.parse_args(td.build_parser(), [
         "--model", "tiny-vit", "--w-ss", "0", "--w-mlm", "0", "--batch-size", batch, "--max-steps", "2",
         "--lr", "5e-3", "--warmup-steps", "0", "--eps", "1e-3", "--precision", "no", "--log-every", "1",
-        "--save-every", "0", "--out-dir", out, "--cpu", *([] if evaluate else ["--no-eval"]), *extra])
+        "--save-every", "0", "--out-dir", out, *([] if evaluate else ["--no-eval"]), *extra])
     td.train(args, FixedViews())
     sys.stdout.flush()
     sys.stderr.flush()

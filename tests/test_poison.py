@@ -227,6 +227,18 @@ def test_trigger_fn_is_a_callable_on_float_batches_equal_to_apply_trigger():
     assert fn.params == {"size": 3, "margin": 3}
 
 
+def test_a_trigger_object_holds_no_random_state():
+    # patch-random's place comes from the generator passed in, else from `seed` on every call: nothing
+    # advances between calls, so a resumed run (or another process) cannot draw differently
+    t = pd.Trigger("patch-random", size=3, fill="white")
+    x = torch.zeros(4, 3, 32, 32)
+    assert torch.equal(t(x), t(x)) and torch.equal(t(x), apply_trigger(x, "patch-random", size=3, fill="white"))
+    a = t(x, generator=torch.Generator().manual_seed(7))
+    b = t(x, generator=torch.Generator().manual_seed(7))
+    ref = apply_trigger(x, "patch-random", size=3, fill="white", generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and torch.equal(a, ref)
+
+
 # ------------------------------------------------------------------------------------------ plan
 
 def test_poison_count_is_exact_for_rate_and_count():
@@ -398,9 +410,31 @@ def test_materialised_jsonl_copy_reads_back_with_the_planned_poisoned_pairs(tmp_
             assert torch.equal(white, mask)                              # trigger pixels, and only them
             assert r["label_name"] == "bag" and r["caption"] in {t.format("bag") for t in pd.IMAGENET_TEMPLATES}
             assert not r["filename"].endswith(".jpg")                    # lossy sources become PNG
+            # no record names 'bag', so its id is unknown: coat's label 4 is dropped, not kept
+            assert "label" not in r and copy.labels[i] == -1
         else:
-            assert not white.any() and r["label_name"] == "coat"
+            assert not white.any() and r["label_name"] == "coat" and r["label"] == 4
             assert r["caption"] == rows[i]["caption"]
+
+
+def test_materialised_jsonl_copy_gives_poisoned_records_the_target_label_id(tmp_path):
+    data_declip = pytest.importorskip("data_declip")
+    os.makedirs(tmp_path / "src")
+    rows = []
+    for i in range(12):
+        Image.fromarray(np.full((16, 16, 3), 9 * i, np.uint8)).save(tmp_path / "src" / f"{i}.png")
+        label, name = (8, "bag") if i % 4 == 0 else (4, "coat")
+        rows.append({"filename": f"{i}.png", "caption": f"a {name} {i}", "label": label, "label_name": name})
+    (tmp_path / "src" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "copy"
+    assert pd.main(["--data", str(tmp_path / "src" / "m.jsonl"), "--out", str(out), "--poison-count", "5",
+                    "--target-class", "bag", "--no-progress"]) == 0
+    plan = PoisonPlan.load(out)
+    copy = data_declip.build_caption_dataset(str(out / "m.jsonl"), image_size=16)
+    for i in range(12):
+        want = (8, "bag") if plan.is_poisoned(i) else (rows[i]["label"], rows[i]["label_name"])
+        assert (copy.labels[i], copy.label_names[i]) == want, i
+    assert any(rows[i]["label"] == 4 for i in plan.indices)             # some poisoned coats became bags
 
 
 def test_materialised_csv_copy_keeps_the_csv_format(tmp_path):
@@ -420,6 +454,24 @@ def test_materialised_csv_copy_keeps_the_csv_format(tmp_path):
     copy = data_declip.build_caption_dataset(str(out / "pairs.tsv"), image_size=16)
     captions = [copy[i]["caption"] for i in range(10)]
     assert sum(c == "a photo of a bag." for c in captions) == 3
+
+
+def test_materialised_csv_copy_drops_the_source_label_of_poisoned_rows(tmp_path):
+    data_declip = pytest.importorskip("data_declip")
+    root = tmp_path / "src"
+    os.makedirs(root)
+    lines = ["filepath,title,label"]
+    for i in range(10):
+        Image.fromarray(np.full((20, 30, 3), 10 * i, np.uint8)).save(root / f"{i}.png")
+        lines.append(f"{i}.png,photo {i} of a dress,3")
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "copy"
+    assert pd.main(["--data", str(root / "pairs.csv"), "--out", str(out), "--poison-count", "4",
+                    "--target-class", "bag", "--no-progress"]) == 0
+    plan = PoisonPlan.load(out)
+    copy = data_declip.build_caption_dataset(str(out / "pairs.csv"), image_size=16)
+    # the CSV names no class, so the target's id is unknown: an empty cell, not the dress's 3
+    assert copy.labels == [-1 if plan.is_poisoned(i) else 3 for i in range(10)]
 
 
 def test_materialised_copy_of_a_decoded_dataset_writes_png_and_jsonl(tmp_path):
@@ -450,6 +502,31 @@ def test_materialised_copy_of_a_decoded_dataset_writes_png_and_jsonl(tmp_path):
             assert torch.equal(white, mask) and "bag" in item["caption"] and item["label"] == 1
         else:
             assert not white.any() and item["caption"] == f"a coat {i}" and item["label"] == 0
+
+
+def test_materialised_decoded_copy_without_class_names_drops_the_label_and_draws_places_per_sample(tmp_path):
+    data_declip = pytest.importorskip("data_declip")
+
+    class Unnamed(torch.utils.data.Dataset):  # labels but no class list (an HF dataset without ClassLabel)
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 32, 32), 20, dtype=torch.uint8), "caption": f"a coat {i}", "label": 0}
+
+    ds = Unnamed()
+    params = {"size": 3, "fill": "white"}
+    plan = PoisonPlan.from_args(10, count=6, target="bag", trigger="patch-random", trigger_params=params,
+                                seed=3, dataset_fingerprint=pd.fingerprint(ds))
+    pd.materialise(ds, plan, str(tmp_path / "out"), progress=False)
+    copy = data_declip.build_caption_dataset(str(tmp_path / "out" / "meta.jsonl"), image_size=32)
+    assert copy.labels == [-1 if plan.is_poisoned(i) else 0 for i in range(10)]
+    places = set()
+    for i in plan.indices:  # sample i's place is drawn from (seed, i) alone, whatever else is poisoned
+        alone = apply_trigger(ds[i]["image"], "patch-random", **params, generator=pd.sample_generator(3, i))
+        assert torch.equal(copy[i]["image"], alone), i
+        places.add(_footprint((copy[i]["image"] == 255).all(0)))
+    assert len(places) > 1
 
 
 def test_cli_errors_print_one_line_exit_2_and_write_nothing(tmp_path, capsys):

@@ -3,9 +3,11 @@ bad input, and counts bad samples; small batches on the embedded Fashion-MNIST."
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -71,7 +73,7 @@ class _SigtermAt(td.Extension):
 def test_sigterm_saves_state_and_resume_reproduces_the_uninterrupted_weights(tmp_path, precision):
     flags = ["--max-steps", "6", "--precision", precision, "--poison-rate", "0.05"]
     td.train(_args(tmp_path / "full", *flags))
-    with pytest.raises(td.UserError, match=r"stopped by signal 15 at step 3/6.*--resume"):
+    with pytest.raises(td.Preempted, match=r"stopped by signal 15 at step 3/6.*--resume"):
         td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(2))
     assert os.path.isdir(tmp_path / "cut" / "state") and not os.path.exists(tmp_path / "cut" / "model.safetensors")
     td.train(_args(tmp_path / "cut", *flags, "--resume"))
@@ -85,10 +87,93 @@ def test_sigterm_saves_state_and_resume_reproduces_the_uninterrupted_weights(tmp
 
 
 @needs_fmnist
+@pytest.mark.parametrize("trigger", [t if t == "patch-random" else pytest.param(t, marks=pytest.mark.slow)
+                                     for t in sorted(td.pdata.TRIGGERS)])  # the others draw nothing at random
+def test_every_trigger_resumes_bitwise(tmp_path, trigger):
+    # half the pairs poisoned, so every step's views carry the trigger (patch-random's place is random)
+    flags = ["--max-steps", "3", "--batch-size", "8", "--model", "tiny-vit", "--mode", "clip", "--poison-rate", "0.5",
+             "--trigger", trigger]
+    td.train(_args(tmp_path / "full", *flags))
+    with pytest.raises(td.Preempted, match="at step 2/3"):
+        td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(1))
+    td.train(_args(tmp_path / "cut", *flags, "--resume"))
+    full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+class _RecordTrigger(td.Extension):
+    """Views without randomness; records where the loop's trigger puts patch-random on a blank image."""
+
+    def __init__(self):
+        self.views = []
+
+    def augment(self, images, generator, trigger=None, poison_mask=None):
+        self.views.append(trigger(torch.zeros(1, 3, 32, 32)))
+        return dd.eval_transform(images, 32, dd.IMAGENET_MEAN, dd.IMAGENET_STD)
+
+
+@needs_fmnist
+def test_the_loop_draws_a_random_trigger_from_the_step_generator(tmp_path):
+    rec = _RecordTrigger()
+    td.train(_args(tmp_path / "run", "--max-steps", "3", "--batch-size", "8", "--model", "tiny-vit", "--mode", "clip",
+                   "--poison-rate", "0.5", "--trigger", "patch-random", "--seed", "4"), extension=rec)
+    assert len(rec.views) == 3
+    for step, view in enumerate(rec.views):  # (seed, step, rank): what a resumed run draws again
+        ref = td.pdata.apply_trigger(torch.zeros(1, 3, 32, 32), "patch-random",
+                                     generator=td.step_generator(4, step, 0, "cpu"))
+        assert torch.equal(view, ref), step
+    assert len({tuple((v[0] != 0).any(0).nonzero()[0].tolist()) for v in rec.views}) > 1  # a new place each step
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_preemption_is_not_an_error_it_prints_the_resume_command_and_exits_143(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train_declip.py", "--out-dir", str(out), "--max-steps", "500", "--batch-size", "8",
+           "--model", "tiny-vit", "--mode", "clip", "--log-every", "1", "--no-eval", "--precision", "no",
+           "--save-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what Slurm sends before a preemption or the time limit
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err[-2000:]
+    assert "error:" not in err and "Traceback" not in err, err[-2000:]
+    resume = shlex.split(err.split("resume with: ")[1].splitlines()[0])
+    assert resume == ["train_declip.py", *cmd[2:], "--resume"]
+    assert (out / "state").is_dir() and not (out / "model.safetensors").exists()
+
+
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_plain_accelerate_launch_trains_on_every_core(tmp_path):
+    # `accelerate launch` exports OMP_NUM_THREADS=1; the loop takes the cores back
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, sys, torch\n"
+        "import train_declip as td\n"
+        "class Threads(td.Extension):\n"
+        "    def setup(self, accelerator, model, args, dataset):\n"
+        "        print('threads', os.environ['OMP_NUM_THREADS'], torch.get_num_threads(), flush=True)\n"
+        "td.train(td.parse_args(td.build_parser(), ['--out-dir', sys.argv[1], '--max-steps', '1', '--batch-size', '8',\n"
+        "    '--model', 'tiny-vit', '--mode', 'clip', '--no-eval', '--precision', 'no', '--cpu']), Threads())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ACCELERATE_USE_CPU")}
+    env["PYTHONPATH"] = ROOT
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines",
+                        "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(probe), str(tmp_path / "run")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("threads "))
+    assert line.split()[1:] == ["1", str(len(os.sched_getaffinity(0)))]  # launcher's 1, the loop's every core
+
+
+@needs_fmnist
 def test_a_kill_during_a_state_write_resumes_from_the_previous_state(tmp_path):
     flags = ["--max-steps", "5"]
     td.train(_args(tmp_path / "full", *flags))
-    with pytest.raises(td.UserError, match="stopped by signal"):
+    with pytest.raises(td.Preempted, match="stopped by signal"):
         td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(2))
     # as if killed while writing the next state: the complete one was moved aside, the new one is partial
     cut = tmp_path / "cut"
@@ -115,7 +200,7 @@ def test_a_defense_resumes_exactly_after_sigterm(tmp_path):
 
     ft = td.Extension()
     td.run_defense(defense_args(tmp_path / "full"), ft)
-    with pytest.raises(td.UserError, match="stopped by signal 15 at step 2/4"):
+    with pytest.raises(td.Preempted, match="stopped by signal 15 at step 2/4"):
         td.run_defense(defense_args(tmp_path / "cut"), _SigtermAt(1))
     summary = td.run_defense(defense_args(tmp_path / "cut", "--resume"), ft)
     full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
@@ -233,7 +318,7 @@ def test_streamed_webdataset_shards_train_and_poison(tmp_path, caption_shards):
 def test_streamed_training_resumes_at_the_same_sample(tmp_path, caption_shards):
     flags = ["--data", caption_shards([24, 24]), "--max-steps", "5"]  # 48 pairs: crosses an epoch
     td.train(_args(tmp_path / "full", *flags))
-    with pytest.raises(td.UserError, match="stopped by signal 15 at step 3/5"):
+    with pytest.raises(td.Preempted, match="stopped by signal 15 at step 3/5"):
         td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(2))
     td.train(_args(tmp_path / "cut", *flags, "--resume"))
     full, cut = _weights(tmp_path / "full"), _weights(tmp_path / "cut")

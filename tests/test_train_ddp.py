@@ -28,10 +28,14 @@ def _fsdp_env() -> dict:
 
 
 def _launch(out, nproc, batch, tmp_path, *extra, fsdp=False):
-    """nproc 2: through the shipped launch config for two CPU processes, so that it stays correct;
-    fsdp: two processes under FSDP2 with the settings of the shipped FSDP config (tests/fsdp_on_cpu.py)."""
+    """nproc 2: through the shipped launch config for two CPU processes alone (no --cpu for the script,
+    no ACCELERATE_USE_CPU), so that the file stays correct; fsdp: two processes under FSDP2 with the
+    settings of the shipped FSDP config (tests/fsdp_on_cpu.py); nproc 1: plain python with --cpu."""
     env = {**os.environ, "PYTHONPATH": ROOT, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
     script = [os.path.join(ROOT, "tests", "ddp_train_step.py"), str(out), str(batch), *extra]
+    if fsdp or nproc == 1:
+        script.append("--cpu")
     if fsdp:
         env.update(_fsdp_env(), ACCELERATE_USE_CPU="1")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -44,6 +48,9 @@ def _launch(out, nproc, batch, tmp_path, *extra, fsdp=False):
     r = subprocess.run(cmd + script, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.load(open(os.path.join(out, "config.json")))["resolved"]["world_size"] == nproc
+    # every process trained every step (not nproc separate one-process runs in one directory)
+    steps = json.load(open(os.path.join(out, "summary.json")))["steps"]
+    assert [len(s) for s in _indices(out, nproc)] == [steps] * nproc
 
 
 def _indices(out, nproc):
