@@ -107,7 +107,7 @@ class _RecordTrigger(td.Extension):
     def __init__(self):
         self.views = []
 
-    def augment(self, images, generator, trigger=None, poison_mask=None):
+    def augment(self, images, generator, trigger=None, poison_mask=None, sizes=None):
         self.views.append(trigger(torch.zeros(1, 3, 32, 32)))
         return dd.eval_transform(images, 32, dd.IMAGENET_MEAN, dd.IMAGENET_STD)
 
