@@ -45,7 +45,7 @@ def main(argv=None):
         args.w_clip, args.w_ss, args.w_mlm, args.w_nn = 1.0, 0.0, 0.0, 0.0
         args.w_img_inmodal = 1.0 if args.w_img_inmodal is None else args.w_img_inmodal
         args.w_txt_inmodal = 1.0 if args.w_txt_inmodal is None else args.w_txt_inmodal
-    td.run_defense(args, FineTune(args.method))
+    return td.run_defense(args, FineTune(args.method))
 
 
 if __name__ == "__main__":
