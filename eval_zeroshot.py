@@ -26,10 +26,12 @@ summary.json, or --timings FILE), a total-minutes footer; rows named 'clean' (or
 reference, without DER or bar. --bar-asr / --bar-ca-drop give every defense row `meets bar` (ASR <= bar and
 victim CA - CA <= bar) and end report.md with a sentence naming the defenses that meet it, or saying that none
 does. --aggregate REPORT.json ... writes the same files with mean ± sample std (n - 1) per numeric column over
-the seeds' reports, without evaluating any model.
+the seeds' reports, without evaluating any model. report.json records the git commit ("-dirty" with uncommitted
+changes) and the command line; report.md names them in its footer.
 
-The library part (class_embeddings, evaluate, retrieval, der, get_templates) is imported by
-train_declip.py (--eval-every) and the defense scripts.
+The library part (class_embeddings, evaluate, retrieval, der, get_templates, build_test_set) is imported by
+train_declip.py (--eval-every) and the defense scripts, whose evaluations therefore give this script's numbers:
+one preprocessing (default_crop_pct) and one precision rule (fp32 unless --eval-bf16, in every script).
 """
 
 from __future__ import annotations
