@@ -1178,16 +1178,20 @@ def _read_classnames(classnames) -> Optional[list[str]]:
 
 
 def build_class_dataset(data: Optional[str] = None, split: str = "test", image_size: int = 32,
-                        classnames=None):
+                        classnames=None, root: Optional[str] = None):
     """(dataset, classnames) for zero-shot evaluation; items ``dict(image=uint8[3,S,S] or None, label=int)``.
 
     Fashion-MNIST ``split`` by default; an ImageFolder directory (``<dir>/<split>/`` is used when it
     exists; class names from ``classnames`` (a file, one per line, or a list), else ``<dir>/classnames.txt``,
     else the folder names with '_' -> ' '); a JSONL/CSV/HF dataset with a ``label`` column (names from
-    ``classnames``, else from ``label_name`` fields / ClassLabel names).
+    ``classnames``, else from ``label_name`` fields / ClassLabel names), its image paths relative to
+    ``root`` (--data-root) when given.
     """
     names = _read_classnames(classnames)
     kind = "fashion-mnist" if data is None else _detect_format(str(data))
+    if root is not None and kind not in ("jsonl", "csv", "hf"):
+        raise UserError(f"--data-root applies to a JSONL/CSV/HF meta file whose image paths are relative; "
+                        f"--data {data or 'fashion-mnist'} is not one, so leave --data-root out.")
     if kind == "fashion-mnist":
         root = None if data is None or str(data).lower() in _FMNIST_NAMES else str(data)
         ds = FashionMNISTCaptions(root, split, image_size, with_captions=False)
@@ -1206,11 +1210,11 @@ def build_class_dataset(data: Optional[str] = None, split: str = "test", image_s
                             "folders; give one name per folder in sorted folder order.")
     elif kind in ("jsonl", "csv", "hf"):
         if kind == "jsonl":
-            ds = read_jsonl(data, image_size, with_captions=False)
+            ds = read_jsonl(data, image_size, root, with_captions=False)
         elif kind == "csv":
-            ds = read_csv(data, image_size, with_captions=False)
+            ds = read_csv(data, image_size, root, with_captions=False)
         else:
-            ds = read_hf(data, image_size, split=None, with_captions=False)
+            ds = read_hf(data, image_size, split=None, root=root, with_captions=False)
         labels = ds.labels if kind != "hf" else [_to_label(v) for v in ds.ds[ds.label_col]] if ds.label_col else []
         if not labels or min(labels) < 0:
             raise UserError(f"--data {data} needs an integer 'label' for every sample to be a class dataset.")

@@ -95,7 +95,7 @@ def main(argv=None):
     if args.out_dir is None:
         args.out_dir = OUT[args.method]
     ext = CleanCLIP(args.clip_weight, args.inmodal_weight) if args.method == "cleanclip" else FineTune()
-    td.run_defense(args, ext)
+    return td.run_defense(args, ext)
 
 
 if __name__ == "__main__":

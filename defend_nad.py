@@ -199,7 +199,6 @@ def teacher_run_args(args: argparse.Namespace) -> argparse.Namespace:
         targs.max_steps = max(1, args.max_steps // 2)
     else:
         targs.epochs = args.epochs / 2
-    targs.no_eval = True  # the victim's "before" is this run's; the teacher's "after" is still printed
     targs.report_to = None
     return targs
 
@@ -227,7 +226,7 @@ def prepare_teacher(args: argparse.Namespace) -> str:
     targs.resume = bool(started and not os.path.isfile(path) and not args.overwrite)  # a stopped teacher continues
     teacher_ext = td.Extension()
     teacher_ext.name = "teacher (FT)"
-    td.run_defense(targs, teacher_ext)
+    td.run_defense(targs, teacher_ext, before=False)  # the victim's "before" is this run's
     return path
 
 

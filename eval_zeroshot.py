@@ -26,10 +26,12 @@ summary.json, or --timings FILE), a total-minutes footer; rows named 'clean' (or
 reference, without DER or bar. --bar-asr / --bar-ca-drop give every defense row `meets bar` (ASR <= bar and
 victim CA - CA <= bar) and end report.md with a sentence naming the defenses that meet it, or saying that none
 does. --aggregate REPORT.json ... writes the same files with mean ± sample std (n - 1) per numeric column over
-the seeds' reports, without evaluating any model.
+the seeds' reports, without evaluating any model. report.json records the git commit ("-dirty" with uncommitted
+changes) and the command line; report.md names them in its footer.
 
-The library part (class_embeddings, evaluate, retrieval, der, get_templates) is imported by
-train_declip.py (--eval-every) and the defense scripts.
+The library part (class_embeddings, evaluate, retrieval, der, get_templates, build_test_set) is imported by
+train_declip.py (--eval-every) and the defense scripts, whose evaluations therefore give this script's numbers:
+one preprocessing (default_crop_pct) and one precision rule (fp32 unless --eval-bf16, in every script).
 """
 
 from __future__ import annotations
@@ -322,6 +324,27 @@ def class_embeddings(model, classnames, templates="80", device=None, context_len
     return F.normalize(emb, dim=-1)
 
 
+def default_crop_pct(data) -> float:
+    """The centre-crop fraction of every evaluation, in this script and during training and defenses:
+    0.875 for photos (spec 7: Resize(256) + CenterCrop(224) at 224 px), 1.0 for Fashion-MNIST, whose
+    garments fill the whole padded 28-px frame."""
+    return 1.0 if _is_fashion_mnist(data) else 0.875
+
+
+def eval_load_size(image_size, crop_pct) -> int:
+    """The size test images are decoded at (shorter side resized, centre crop) so that their central crop_pct
+    is the model input: 256 for 224 px at 0.875."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise UserError(f"--crop-pct {crop_pct} must be in (0, 1].")
+    return int(image_size) if crop_pct >= 1.0 else int(round(image_size / crop_pct))
+
+
+def build_test_set(data, image_size, crop_pct, classnames=None, root=None):
+    """(dataset, classnames) of the class test data `data`, decoded at eval_load_size(image_size, crop_pct);
+    evaluate(..., crop_pct=crop_pct) then crops and resizes them to the model input."""
+    return _build_class_dataset(data, eval_load_size(image_size, crop_pct), classnames, root)
+
+
 def _center_crop_frac(images, crop_pct):
     if crop_pct is None or crop_pct >= 1.0:
         return images
@@ -420,6 +443,10 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
     y = _gather_rows(torch.cat(labels) if labels else empty, accelerator)
     pc = _gather_rows(torch.cat(top_clean) if top_clean else empty.view(0, k), accelerator)
     n = int(y.numel())
+    if n == 0:  # every process sees the gathered count, so all of them stop here
+        raise UserError("no test image could be read: check the class test data's path (--data, --eval-data) "
+                        "and, for a meta file with relative image paths, its image folder (--data-root, "
+                        "--eval-data-root).")
     out = {"templates": n_templates,
            "clean": {"top1": _pct((pc[:, 0] == y).sum(), n), "top5": _pct((pc == y[:, None]).any(1).sum(), n),
                      "n": n},
@@ -792,8 +819,49 @@ def _atomic_write(path, write):
     os.replace(tmp, path)
 
 
+def json_safe(obj):
+    """obj with every NaN / infinite float replaced by None (JSON has no NaN: a rate over zero images)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def _write_json(path, obj):
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"
+    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def provenance(argv) -> dict:
+    """{"git_commit", "command"} of a report: HEAD of the git checkout holding this script, plus "-dirty" when
+    tracked files have uncommitted changes (untracked files ignored, as `git describe --dirty`), None outside
+    a checkout; the command line that wrote it."""
+    import shlex
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a], capture_output=True,
+                              text=True, timeout=60)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 and head.stdout.strip() else None
+        if commit and git("status", "--porcelain", "--untracked-files=no").stdout.strip():
+            commit += "-dirty"
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        commit = None
+    return {"git_commit": commit, "command": shlex.join([os.path.basename(__file__), *map(str, argv)])}
+
+
+def provenance_line(prov) -> str:
+    """The report.md footer line naming the command and the commit (from provenance())."""
+    if not prov:
+        return ""
+    commit = f"git commit {prov['git_commit']}" if prov.get("git_commit") else "no git commit (not a git checkout)"
+    return f"Written by `{prov['command']}` at {commit}."
 
 
 def _bar_json(rows, bar, sentence):
@@ -825,16 +893,18 @@ def _finish_md(md, rows, bar, footer, sentence):
     return "\n".join(table)
 
 
-def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, clean=None, bar=None) -> dict:
+def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, clean=None, bar=None,
+                 prov=None) -> dict:
     """Write out_dir/report.md, report.json and report.png; return the report.json content (its "table" key
-    holds the markdown table with the footer and bar sentence, as printed by the CLI)."""
+    holds the markdown table with the footer and bar sentence, as printed by the CLI). prov: provenance()
+    of the run, stored in report.json and named in the footer."""
     out_dir = Path(out_dir)
     rows = report_rows(results, victim, minutes=minutes, clean=clean, bar=bar)
     info = dict(info or {})
     vname = victim if isinstance(victim, str) else ("--victim file" if isinstance(victim, dict) else None)
     vmetrics = results[victim] if isinstance(victim, str) else victim
     sentence = bar_sentence(rows, bar) if _bar_active(bar) else None
-    footer = total_minutes_line(rows)
+    footer = "\n".join(x for x in (total_minutes_line(rows), provenance_line(prov)) if x)
     md = ["# Zero-shot evaluation", ""]
     for key in ("dataset", "templates", "trigger", "target"):
         if info.get(key) is not None:
@@ -854,7 +924,7 @@ def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, c
            "victim_asr": (vmetrics.get("backdoor") or {}).get("asr") if vmetrics is not None else None,
            "clean": clean_rows, "der_unit": "percent, 100 * (dASR - dCA + 1) / 2", "rows": rows,
            "total_minutes": sum(known) if known else None, "bar": _bar_json(rows, bar, sentence),
-           "results": results}
+           **(prov or {}), "results": results}
     _atomic_write(out_dir / "report.md", lambda p: p.write_text("\n".join(md), encoding="utf-8"))
     _write_json(out_dir / "report.json", rep)
     title = info.get("title") or ("Clean accuracy and ASR per method" + (
@@ -952,11 +1022,11 @@ def aggregate_reports(paths, bar=None, clean=None) -> dict:
             "total_minutes": {"mean": t_mean, "std": t_std, "n": t_n, "per_seed": totals}}
 
 
-def write_aggregate(out_dir, paths, bar=None, clean=None) -> dict:
+def write_aggregate(out_dir, paths, bar=None, clean=None, prov=None) -> dict:
     """Write out_dir/report.md, report.json and report.png for aggregate_reports(paths); return report.json
-    content plus "table" (what the CLI prints)."""
+    content plus "table" (what the CLI prints). prov: as for write_report."""
     out_dir = Path(out_dir)
-    rep = aggregate_reports(paths, bar=bar, clean=clean)
+    rep = {**aggregate_reports(paths, bar=bar, clean=clean), **(prov or {})}
     rows, n = rep["rows"], rep["n_seeds"]
     sentence = bar_sentence(rows, bar, n_seeds=n) if _bar_active(bar) else None
     rep["bar"] = _bar_json(rows, bar, sentence)
@@ -968,6 +1038,7 @@ def write_aggregate(out_dir, paths, bar=None, clean=None) -> dict:
         footer = (f"Total training time per seed: {t['mean']:.2f}{spread} min (all rows; mean"
                   f"{' ± std' if spread else ''} over {t['n']} seed{'s' if t['n'] != 1 else ''}); "
                   f"all seeds together: {sum(t['per_seed']):.2f} min.")
+    footer = "\n".join(x for x in (footer, provenance_line(prov)) if x)
     md = [f"# Zero-shot evaluation: mean ± std over {n} seed{'s' if n != 1 else ''}", ""]
     for key in ("dataset", "templates", "trigger", "target"):
         if rep.get(key) is not None:
@@ -1069,10 +1140,10 @@ def _load_model(path, device="cpu", activation=None):
         raise UserError(f"--ckpt {path}: {e}.") from None
 
 
-def _build_class_dataset(data, image_size, classnames):
+def _build_class_dataset(data, image_size, classnames, root=None):
     from data_declip import build_class_dataset
 
-    return build_class_dataset(data, split="test", image_size=image_size, classnames=classnames)
+    return build_class_dataset(data, split="test", image_size=image_size, classnames=classnames, root=root)
 
 
 def _build_caption_dataset(data, image_size, split=None):
@@ -1162,6 +1233,8 @@ def build_parser():
                    help="display name per --ckpt (default: run directory / file name)")
     p.add_argument("--data", default=None, help="class test data: fashion-mnist (default), an ImageFolder "
                    "directory with --classnames, or a JSON-lines meta with label/label_name")
+    p.add_argument("--data-root", default=None, help="directory the image paths of a --data meta file (JSONL, "
+                   "CSV, HF) are relative to (default: the meta file's directory)")
     p.add_argument("--classnames", default=None, help="class-names file (one name per line, in label order)")
     p.add_argument("--templates", default="80", help="prompt templates: 1, 7, 8, 80 or a file (one per line)")
     p.add_argument("--trigger", default=None, help="trigger name of poison_data (default: the run's manifest)")
@@ -1197,7 +1270,9 @@ def build_parser():
                    "0.875 for other data")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size per process")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per process")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--eval-bf16", "--bf16", dest="eval_bf16", action="store_true",
+                   help="bf16 autocast for the towers (faster; numbers may differ from the fp32 default, which "
+                        "training's and the defenses' evaluations use unless they get --eval-bf16 too)")
     p.add_argument("--seed", type=int, default=0, help="seed (random triggers, example selection)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     return p
@@ -1213,6 +1288,7 @@ def parse_args(argv=None):
     else:
         lists = {}
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the report's provenance
     for k, v in lists.items():  # list flags from the YAML apply only when not given on the command line
         if not getattr(args, k):
             setattr(args, k, [v] if isinstance(v, str) else list(v))
@@ -1305,7 +1381,7 @@ def run_aggregate(args) -> dict:
     bar = _bar_args(args)
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch: one writer
         return {}
-    rep = write_aggregate(args.report, paths, bar=bar, clean=args.clean)
+    rep = write_aggregate(args.report, paths, bar=bar, clean=args.clean, prov=provenance(args.argv))
     print(rep["table"])
     print(f"eval_zeroshot: mean ± std over {rep['n_seeds']} report(s), {time.time() - t0:.1f} s; wrote "
           f"{args.report}", file=sys.stderr)
@@ -1358,9 +1434,8 @@ def run(args) -> dict:
     classnames_arg = args.classnames
     if classnames_arg is not None and not os.path.isfile(classnames_arg):
         raise UserError(f"--classnames {classnames_arg} does not exist; pass a file with one class name per line.")
-    crop_pct = args.crop_pct if args.crop_pct is not None else (1.0 if _is_fashion_mnist(args.data) else 0.875)
-    if not 0.0 < crop_pct <= 1.0:
-        raise UserError(f"--crop-pct {crop_pct} must be in (0, 1].")
+    crop_pct = args.crop_pct if args.crop_pct is not None else default_crop_pct(args.data)
+    eval_load_size(1, crop_pct)  # validates it before any model is loaded
 
     from train_declip import use_available_cores, use_cpu
 
@@ -1374,16 +1449,16 @@ def run(args) -> dict:
         act = getattr(args, "activation", None)
         model = _load_model(wpath, device=accelerator.device, activation=act).to(accelerator.device).eval()
         size = int(_cfg(model, "image_size", 224))
-        load_size = size if crop_pct >= 1.0 else int(round(size / crop_pct))
+        load_size = eval_load_size(size, crop_pct)
         if load_size not in datasets:
-            datasets[load_size] = _build_class_dataset(args.data, load_size, classnames_arg)
+            datasets[load_size] = build_test_set(args.data, size, crop_pct, classnames_arg, args.data_root)
         dataset, classnames = datasets[load_size]
         classnames = list(classnames)
         target = classnames[resolve_target(tgt, classnames)] if tgt is not None else None
         class_emb = class_embeddings(model, classnames, templates, device=accelerator.device,
-                                     batch_size=args.batch_size, accelerator=accelerator, bf16=args.bf16)
+                                     batch_size=args.batch_size, accelerator=accelerator, bf16=args.eval_bf16)
         m = evaluate(model, dataset, classnames, templates, trigger=trig, trigger_params=params, target=target,
-                     accelerator=accelerator, bf16=args.bf16, batch_size=args.batch_size,
+                     accelerator=accelerator, bf16=args.eval_bf16, batch_size=args.batch_size,
                      num_workers=args.workers, class_emb=class_emb, crop_pct=crop_pct, seed=args.seed)
         m = {"ckpt": str(wpath), "dataset": args.data or "fashion-mnist", "templates": len(templates),
              "clean": m["clean"], "backdoor": m["backdoor"], "retrieval": None}
@@ -1391,7 +1466,7 @@ def run(args) -> dict:
             if load_size not in captions:
                 captions[load_size] = _build_caption_dataset(args.retrieval_data, load_size, args.retrieval_split)
             m["retrieval"] = retrieval(model, captions[load_size], trigger=trig, trigger_params=params,
-                                       target=target, accelerator=accelerator, bf16=args.bf16,
+                                       target=target, accelerator=accelerator, bf16=args.eval_bf16,
                                        batch_size=args.batch_size, num_workers=args.workers,
                                        max_items=args.retrieval_max, crop_pct=crop_pct, seed=args.seed)
         if args.show_examples > 0 and main_proc:
@@ -1400,7 +1475,7 @@ def run(args) -> dict:
             idx = pick_examples(dataset, args.show_examples, tidx, args.seed)
             imgs, labels, preds = predict_examples(model, dataset, classnames, class_emb, idx, trigger=trig,
                                                    trigger_params=params, device=accelerator.device,
-                                                   bf16=args.bf16, crop_pct=crop_pct, seed=args.seed)
+                                                   bf16=args.eval_bf16, crop_pct=crop_pct, seed=args.seed)
             what = f"triggered ({trig}) test images, target {target!r}" if trig else "clean test images"
             _atomic_write(path, lambda p: plot_examples(imgs, labels, preds, classnames, p, target=tidx,
                                                         title=f"{name}: {what}; top-3 predictions (cosine)"
@@ -1431,7 +1506,7 @@ def run(args) -> dict:
             bd = first.get("backdoor") or {}
             rep = write_report(args.report, results, victim, minutes=minutes, clean=args.clean, bar=bar, info={
                 "dataset": first["dataset"], "templates": len(templates), "trigger": bd.get("trigger"),
-                "target": bd.get("target"), "n": first["clean"]["n"]})
+                "target": bd.get("target"), "n": first["clean"]["n"]}, prov=provenance(args.argv))
         outs = [p for p in (args.json, args.report) if p] + example_paths
         print(f"eval_zeroshot: {len(results)} checkpoint(s), {next(iter(results.values()))['clean']['n']} test "
               f"images each, {time.time() - t0:.1f} s" + (f"; wrote {', '.join(outs)}" if outs else ""),

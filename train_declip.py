@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -137,6 +138,12 @@ def add_run_args(p: argparse.ArgumentParser, out: str = DEFAULT_OUT):
     g.add_argument("--eval-every", type=int, default=0, help="zero-shot evaluation every N steps (0 = at the end only)")
     g.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation at the end")
     g.add_argument("--eval-data", default=None, help="class dataset for evaluation (default: Fashion-MNIST test split)")
+    g.add_argument("--eval-data-root", default=None,
+                   help="directory the image paths of an --eval-data meta file are relative to (eval_zeroshot.py's "
+                        "--data-root)")
+    g.add_argument("--eval-bf16", action="store_true",
+                   help="evaluate with bf16 autocast instead of fp32 (as eval_zeroshot.py --eval-bf16); the "
+                        "training --precision never changes the evaluation")
     g.add_argument("--templates", default="80", help="prompt templates for zero-shot evaluation: 1, 8, 80 or a file")
     g.add_argument("--report-to", default=None, choices=("tensorboard", "wandb"),
                    help="also log every metrics row to a tracker (needs `pip install tensorboard` or `wandb`); "
@@ -511,35 +518,61 @@ class EvalHook:
     """Zero-shot clean accuracy, and ASR when a trigger and target are known (`plan`: anything with
     trigger, trigger_params and target, e.g. a PoisonPlan). Evaluates on the held-out training pairs
     with --holdout, else on --eval-data (default: the Fashion-MNIST test split); the dataset is built
-    once, the class text embeddings once per call (the weights change between calls)."""
+    once per image size, the class text embeddings once per call (the weights change between calls).
+    The numbers are eval_zeroshot.py --json's for the same weights and data: its preprocessing
+    (eval_zeroshot.default_crop_pct) and precision (fp32 unless --eval-bf16)."""
 
     def __init__(self, args, plan, base=None):
         self.args, self.plan, self.base = args, plan, base
-        self.dataset = self.classnames = None
+        self.sets = {}  # image size -> (dataset, classnames)
 
-    def _load(self, image_size):
-        if self.dataset is not None:
-            return
-        if self.args.holdout:
-            # evaluation decodes its own centre crops, not the training decode
-            base = dd.square_decoding(self.base) if self.base is not None else load_base(self.args, image_size)
-            n = len(base)
-            self.dataset = torch.utils.data.Subset(base, list(range(n - self.args.holdout, n)))
-            self.classnames = base.classnames
-        else:
-            self.dataset, self.classnames = dd.build_class_dataset(self.args.eval_data, split="test",
-                                                                   image_size=image_size)
+    def test_set(self, image_size: int):
+        import eval_zeroshot as ez
+
+        if image_size not in self.sets:
+            args = self.args
+            crop = ez.default_crop_pct(args.data if args.holdout else args.eval_data)
+            if args.holdout:
+                load = ez.eval_load_size(image_size, crop)
+                # evaluation decodes its own centre crops, not the training decode
+                base = dd.square_decoding(self.base) if self.base is not None and load == image_size \
+                    else load_base(args, load)
+                if not getattr(base, "classnames", None):
+                    raise UserError("--holdout needs a labelled dataset with class names (e.g. the embedded "
+                                    "Fashion-MNIST)")
+                n = len(base)
+                self.sets[image_size] = (torch.utils.data.Subset(base, list(range(n - args.holdout, n))),
+                                         list(base.classnames), crop)
+            else:
+                ds, names = ez.build_test_set(args.eval_data, image_size, crop, root=args.eval_data_root)
+                self.sets[image_size] = (ds, list(names), crop)
+        return self.sets[image_size]
+
+    def _plan_kw(self) -> dict:
+        if self.plan is None:
+            return {}
+        return dict(trigger=self.plan.trigger, trigger_params=self.plan.trigger_params, target=self.plan.target)
+
+    def check(self, image_size: int = 32):
+        """Raise the UserError a bad test set, trigger or target would raise, without evaluating anything."""
+        import eval_zeroshot as ez
+
+        _, classnames, _ = self.test_set(image_size)
+        kw = self._plan_kw()
+        if kw:
+            ez.make_trigger(kw["trigger"], kw["trigger_params"])
+            ez.resolve_target(kw["target"], classnames)
+        ez.get_templates(self.args.templates)
 
     def __call__(self, model, accelerator=None) -> dict:
         import eval_zeroshot as ez
 
-        self._load(model.config.image_size)
-        kw = {}
-        if self.plan is not None:
-            kw = dict(trigger=self.plan.trigger, trigger_params=self.plan.trigger_params, target=self.plan.target)
+        dataset, classnames, crop = self.test_set(model.config.image_size)
         with unsharded(model):
-            return ez.evaluate(model, self.dataset, self.classnames, templates=ez.get_templates(self.args.templates),
-                               accelerator=accelerator, bf16=self.args.precision == "bf16", **kw)
+            # FSDP's bf16 mixed precision unshards bf16 weights, which only run under autocast
+            bf16 = self.args.eval_bf16 or any(p.dtype == torch.bfloat16 for p in model.parameters())
+            return ez.evaluate(model, dataset, classnames, templates=ez.get_templates(self.args.templates),
+                               accelerator=accelerator, bf16=bf16, crop_pct=crop, **self._plan_kw())
 
 
 @contextlib.contextmanager
@@ -579,11 +612,14 @@ def summarize_eval(res: dict) -> str:
 
 
 def train(args: argparse.Namespace, extension: Optional[Extension] = None,
-          train_indices: Optional[Sequence[int]] = None, record: Optional[dict] = None) -> dict:
+          train_indices: Optional[Sequence[int]] = None, record: Optional[dict] = None,
+          before_loop=None) -> dict:
     """Run one training job described by args (see build_parser) and return its summary.
 
     extension: how a defense changes the loop. train_indices: train on these pairs of the dataset
     only (a defense's clean subset). record: extra JSON written into config.json (e.g. the subset).
+    before_loop: called with the accelerator once every check has passed and the run directory is
+    written, before the first step (a defense evaluates the victim there).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -730,6 +766,9 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         accelerator.init_trackers(os.path.basename(os.path.abspath(args.out_dir)))
     evaluator = EvalHook(args, plan, base)
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if before_loop is not None:
+        with torch.random.fork_rng(devices=[]):  # what it draws leaves the training's random state alone
+            before_loop(accelerator)
 
     def log(row: dict):
         if main:
@@ -927,8 +966,51 @@ def build_defense_parser(description: str, out: str, lr: float = 1e-4, epochs: f
                         "poisoned indices when its poison_manifest.json is found (default 0.05, as the original's "
                         "5%% subset); ignored with --clean-data")
     g.add_argument("--clean-data", default=None,
-                   help="an explicit clean caption dataset for the defense (same formats as --data)")
+                   help="an explicit clean caption dataset for the defense (same formats as --data), trained on "
+                        "whole; --holdout still names the victim's held-out pairs for the evaluation")
+    # None = not given: resolved from the victim (its manifest, its config.json) in run_defense, so
+    # that a flag given always wins, also when it equals the training default
+    p.set_defaults(trigger=None, holdout=None)
+    for action in p._actions:
+        if action.dest == "trigger":
+            action.help = "trigger the ASR is evaluated with (default: the victim's manifest, else patch)"
+        elif action.dest in VICTIM_FLAGS:
+            action.help += " (default: the victim's, from its run directory's config.json)"
     return p
+
+
+# flags a defense takes from the victim's config.json unless given; the format flags describe --data
+# (--eval-data-root describes --eval-data) and come with it
+VICTIM_FLAGS = ("data", "eval_data", "holdout")
+VICTIM_FORMAT_FLAGS = {"data": ("data_root", "image_column", "caption_column", "csv_separator"),
+                       "eval_data": ("eval_data_root",), "holdout": ()}
+
+
+def take_victim_flags(args, ckpt_dir: Optional[str]) -> dict:
+    """Fill --data (with its format flags), --eval-data (with --eval-data-root) and --holdout that the user
+    did not give (None) from the victim's config.json in ckpt_dir, so that the defense draws its clean subset
+    from, and evaluates on, what the victim was trained and evaluated on. Returns {flag: value} taken."""
+    cfg = None
+    path = os.path.join(ckpt_dir, "config.json") if ckpt_dir else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            cfg = None
+    if not (isinstance(cfg, dict) and "resolved" in cfg):  # not one of our run directories (e.g. transformers')
+        cfg = {}
+    taken = {}
+    for flag in VICTIM_FLAGS:
+        if getattr(args, flag) is not None or flag not in cfg:
+            continue
+        for k in (flag,) + VICTIM_FORMAT_FLAGS[flag]:
+            if cfg.get(k) is not None and getattr(args, k, None) is None:
+                setattr(args, k, cfg[k])
+                taken[k] = cfg[k]
+    if args.holdout is None:
+        args.holdout = 0
+    return taken
 
 
 def victim_paths(ckpt: str):
@@ -957,19 +1039,31 @@ def clean_subset(n: int, fraction: float, poisoned: Sequence[int], seed: int) ->
     return sorted(pool[torch.randperm(len(pool), generator=g)[:min(k, len(pool))]].tolist())
 
 
-def run_defense(args: argparse.Namespace, extension: Extension) -> dict:
+def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> dict:
     """Evaluate the victim, train it with the defense's extension on the clean set, evaluate again and
-    print one line with clean accuracy and ASR before and after."""
+    print one line with clean accuracy and ASR before and after.
+
+    Every flag is checked before the first evaluation: the evaluation's here, train()'s in train(),
+    which calls back for the "before" once its checks have passed. Both evaluations load the weights
+    from disk (as eval_zeroshot.py does) and go through train()'s accelerator, each process scoring its
+    share of the test set. --no-eval: neither runs and eval.json is not written. before: the victim's
+    evaluation when the caller has it already (reused, not recomputed), or False to leave it out."""
     t0 = time.time()
     weights, manifest = victim_paths(args.ckpt)
+    user_format = {k: getattr(args, k) for k in VICTIM_FORMAT_FLAGS["data"]}  # for --clean-data
+    taken = take_victim_flags(args, os.path.dirname(weights))
     args.init_from = weights
     plan = pdata.PoisonPlan.load(manifest) if manifest else None
     # a defense is never poisoned itself; the trigger/target (flags, else manifest) are for evaluation
-    poison_rate, poison_count = args.poison_rate, args.poison_count
+    saved = {k: getattr(args, k) for k in ("poison_rate", "poison_count", "no_eval", "data", "holdout")
+             + VICTIM_FORMAT_FLAGS["data"]}
     args.poison_rate = args.poison_count = None
-    record, indices = {"victim": args.ckpt, "victim_manifest": manifest}, None
+    eval_args = copy.copy(args)  # the victim's data and holdout, also when the defense trains on --clean-data
+    record, indices = {"victim": args.ckpt, "victim_manifest": manifest, "from_victim_config": taken}, None
     if args.clean_data:
-        args.data = args.clean_data
+        args.data, args.holdout = args.clean_data, 0
+        for k, v in user_format.items():
+            setattr(args, k, v)
     else:
         n_train = len(load_base(args, 32)) - args.holdout
         poisoned = plan.indices if plan is not None else []
@@ -978,38 +1072,66 @@ def run_defense(args: argparse.Namespace, extension: Extension) -> dict:
                             f"give the victim's --data (and --holdout) or --clean-data")
         indices = clean_subset(n_train, args.clean_fraction, poisoned, args.seed)
         record["clean_subset"] = {"fraction": args.clean_fraction, "n": len(indices), "indices": indices}
-    eval_plan = _eval_plan(args, plan)
-    evaluator = EvalHook(args, eval_plan)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    use_available_cores(device)
-    act = getattr(args, "activation", None)
-    before = evaluator(md.load_model(weights, device, activation=act)) if not args.no_eval else None
+    evaluator = None
+    if not args.no_eval:
+        eval_plan = _eval_plan(args, plan)
+        evaluator = EvalHook(eval_args, eval_plan)
+        evaluator.check()
+        record["evaluation"] = {"data": eval_args.eval_data if not eval_args.holdout else eval_args.data,
+                                "holdout": eval_args.holdout, "eval_bf16": args.eval_bf16,
+                                "plan": vars(eval_plan) if eval_plan is not None else None}
+    run = {"accelerator": None, "before": before if before else None}
+
+    def evaluate(path, accelerator):
+        model = md.load_model(path, accelerator.device if accelerator is not None else "cpu",
+                              activation=getattr(args, "activation", None))
+        res = evaluator(model, accelerator)
+        del model
+        return res
+
+    def before_loop(accelerator):
+        run["accelerator"] = accelerator
+        if evaluator is not None and before is None:
+            run["before"] = evaluate(weights, accelerator)
+
     args.no_eval = True  # train() must not evaluate with a poison plan of its own
-    summary = train(args, extension, train_indices=indices, record=record)
-    after = evaluator(md.load_model(os.path.join(args.out_dir, "model.safetensors"), device))
+    try:
+        summary = train(args, extension, train_indices=indices, record=record, before_loop=before_loop)
+    finally:
+        for k, v in saved.items():
+            setattr(args, k, v)
+    acc = run["accelerator"]
+    after = evaluate(os.path.join(args.out_dir, "model.safetensors"), acc) if evaluator is not None else None
+    before = run["before"]
     summary.update(before=before, after=after, minutes=round((time.time() - t0) / 60, 2))
-    if _is_main_env():
-        with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
-            json.dump({"before": before, "after": after}, f, indent=2)
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        line = f"{extension.name}: CA {before['clean']['top1']:.2f}% -> {after['clean']['top1']:.2f}%" if before \
-            else f"{extension.name}: CA {after['clean']['top1']:.2f}%"
-        if after.get("backdoor"):
-            line += f", ASR {before['backdoor']['asr']:.2f}% -> " if before else ", ASR "
-            line += f"{after['backdoor']['asr']:.2f}%"
-        print(line + f" ({args.out_dir})")
-    args.poison_rate, args.poison_count = poison_rate, poison_count
+    if (acc.is_main_process if acc is not None else _is_main_env()):
+        import eval_zeroshot as ez
+
+        if evaluator is not None:
+            ez._write_json(os.path.join(args.out_dir, "eval.json"), {"before": before, "after": after})
+        ez._write_json(os.path.join(args.out_dir, "summary.json"), summary)
+        if after is not None:  # with --no-eval train() has printed the run's line
+            line = f"{extension.name}: CA {before['clean']['top1']:.2f}% -> {after['clean']['top1']:.2f}%" if before \
+                else f"{extension.name}: CA {after['clean']['top1']:.2f}%"
+            if after.get("backdoor"):
+                line += f", ASR {before['backdoor']['asr']:.2f}% -> " if before else ", ASR "
+                line += f"{after['backdoor']['asr']:.2f}%"
+            print(line + f" ({args.out_dir})")
     return summary
 
 
 def _eval_plan(args, plan):
-    """The trigger and target to evaluate a defense with: flags win over the victim's manifest."""
-    if plan is None and args.target_class is None:
+    """The trigger and target to evaluate a defense with: each flag given (not None) wins over the victim's
+    manifest; the trigger defaults to the manifest's, else patch; no target at all: no backdoor metrics."""
+    target = args.target_class if args.target_class is not None else (plan.target if plan is not None else None)
+    if target is None:
+        if args.trigger is not None:
+            raise UserError(f"--trigger {args.trigger} needs a target to measure the ASR: the victim has no "
+                            f"{pdata.MANIFEST_NAME}, so pass --target-class")
         return None
-    trigger = args.trigger if plan is None or args.trigger != "patch" else plan.trigger
-    params = pdata.parse_trigger_params(args.trigger_param) or (plan.trigger_params if plan and trigger == plan.trigger else {})
-    target = args.target_class or plan.target
+    trigger = args.trigger if args.trigger is not None else (plan.trigger if plan is not None else "patch")
+    params = dict(plan.trigger_params) if plan is not None and trigger == plan.trigger else {}
+    params.update(pdata.parse_trigger_params(args.trigger_param))
     return argparse.Namespace(trigger=trigger, trigger_params=params, target=target)
 
 

@@ -298,8 +298,9 @@ def test_cache_mode_run_writes_run_dir_and_a_cache_within_eps(victim, tmp_path):
     out = tmp_path / "adp"
     summary, ext = _run(victim, out, "--max-steps", "2", "--clean-fraction", "0.002")
     assert summary["steps"] == 2
-    for name in ("config.json", "metrics.jsonl", "model.safetensors", "eval.json", "adv_cache.pt"):
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "adv_cache.pt"):
         assert (out / name).is_file()
+    assert not (out / "eval.json").exists()  # --no-eval: no evaluation, no numbers
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
     assert [r["step"] for r in rows] == [1, 2] and all(r["nad"] > 0 for r in rows)
     cfg = json.load(open(out / "config.json"))

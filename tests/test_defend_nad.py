@@ -206,8 +206,9 @@ def test_nad_run_writes_its_run_directory_with_a_frozen_inline_teacher(victim, t
     ext = nad.NADExtension(teacher_path)
     td.run_defense(args, ext)
 
-    for name in ("config.json", "metrics.jsonl", "model.safetensors", "eval.json"):
+    for name in ("config.json", "metrics.jsonl", "model.safetensors"):
         assert (out / name).is_file()
+    assert not (out / "eval.json").exists() and not (out / "teacher" / "eval.json").exists()  # --no-eval
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
@@ -237,7 +238,7 @@ def test_cli_reuses_a_given_teacher_and_rejects_a_missing_one(victim, tmp_path, 
     with pytest.raises(UserError, match="--teacher"):
         nad.main(SMALL + ["--ckpt", str(victim), "--teacher", str(tmp_path / "nope"), "--out-dir", str(out)])
     summary = nad.main(SMALL + ["--ckpt", str(victim), "--teacher", str(victim), "--clean-fraction", "0.01",
-                                "--max-steps", "1", "--no-eval", "--betas-original", "--out-dir", str(out)])
+                                "--max-steps", "1", "--betas-original", "--out-dir", str(out)])
     assert summary["steps"] == 1 and summary["after"]["clean"]["n"] == 100
     assert not (out / "teacher").exists()
     cfg = json.load(open(out / "config.json"))

@@ -471,7 +471,7 @@ def fake_cli(tmp_path, monkeypatch):
         return with_table(OracleModel(target=2, **models[Path(path).parent.name]), templates="1")
 
     monkeypatch.setattr(ez, "_load_model", load)
-    monkeypatch.setattr(ez, "_build_class_dataset", lambda data, size, cn: (intensity_dataset(per_class=10),
+    monkeypatch.setattr(ez, "_build_class_dataset", lambda data, size, cn, root=None: (intensity_dataset(per_class=10),
                                                                            list(CLASSES)))
     return dirs
 
@@ -568,6 +568,89 @@ def test_script_missing_default_ckpt_prints_error_without_traceback(tmp_path):
     assert proc.stderr.startswith("error: --ckpt runs/train does not exist")
 
 
+def _strict_json(path):
+    """json.loads that refuses NaN / Infinity, which are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def test_cli_data_root_for_a_meta_whose_images_live_elsewhere(tmp_path, capsys):
+    """A DeCLIP-style class meta with relative file names, its images in another folder (--data-root);
+    without it no image is found: a one-line error, exit 2, no JSON."""
+    import modeling_declip as md
+    from PIL import Image
+
+    images, meta_dir = tmp_path / "images", tmp_path / "meta"
+    images.mkdir()
+    meta_dir.mkdir()
+    g = torch.Generator().manual_seed(0)
+    with open(meta_dir / "val.jsonl", "w") as f:
+        for i in range(6):
+            x = torch.randint(0, 256, (40, 28, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray(x.numpy()).save(images / f"{i}.png")
+            f.write(json.dumps({"filename": f"{i}.png", "caption": "a photo", "label": i % 2,
+                                "label_name": ["cat", "dog"][i % 2]}) + "\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    md.save_model(md.build_model("tiny"), str(run / "model.safetensors"))
+    argv = ["--ckpt", str(run), "--data", str(meta_dir / "val.jsonl"), "--templates", "1", "--cpu",
+            "--json", str(tmp_path / "m.json")]
+    assert ez.main(argv + ["--data-root", str(images)]) == 0
+    m = _strict_json(tmp_path / "m.json")
+    assert m["clean"]["n"] == 6 and m["backdoor"] is None
+    # every image of the target class: the ASR over zero non-target images is null, not NaN
+    with open(meta_dir / "cats.jsonl", "w") as f:
+        f.writelines(json.dumps({"filename": f"{i}.png", "caption": "a cat", "label": 0}) + "\n" for i in range(6))
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    assert ez.main(argv + ["--data", str(meta_dir / "cats.jsonl"), "--data-root", str(images), "--trigger", "patch",
+                           "--target-class", "cat", "--classnames", str(names)]) == 0
+    m = _strict_json(tmp_path / "m.json")
+    assert m["backdoor"]["n_nontarget"] == 0 and m["backdoor"]["asr"] is None and m["backdoor"]["ra"] is None
+    os.remove(tmp_path / "m.json")
+    capsys.readouterr()
+    assert ez.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no test image could be read") and "--data-root" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "m.json").exists()
+
+
+def _git(*argv):
+    r = subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def test_report_records_the_git_commit_and_the_command(fake_cli, tmp_path, monkeypatch):
+    dirs = fake_cli
+    argv = ["--ckpt", str(dirs["victim"]), str(dirs["ft"]), "--templates", "1", "--report", str(tmp_path / "rep")]
+    assert ez.main(argv) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    head = _git("rev-parse", "HEAD")
+    want = None if head is None else head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no")
+                                             else "")
+    assert rep["git_commit"] == want and (want is None or len(head) == 40)
+    import shlex
+
+    assert rep["command"] == "eval_zeroshot.py " + shlex.join(argv)
+    footer = f"Written by `{rep['command']}` at " + (f"git commit {want}." if want else
+                                                     "no git commit (not a git checkout).")
+    assert footer in (tmp_path / "rep" / "report.md").read_text().splitlines()
+    # the aggregate of seeds' reports records its own command and commit
+    agg = ["--aggregate", str(tmp_path / "rep" / "report.json"), "--report", str(tmp_path / "all")]
+    assert ez.main(agg) == 0
+    rep = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert rep["git_commit"] == want and rep["command"] == "eval_zeroshot.py " + shlex.join(agg)
+    # outside a git checkout: None
+    outside = tmp_path / "copy" / "eval_zeroshot.py"
+    outside.parent.mkdir()
+    monkeypatch.setattr(ez, "__file__", str(outside))
+    if subprocess.run(["git", "-C", str(outside.parent), "rev-parse", "HEAD"], capture_output=True).returncode:
+        assert ez.provenance(["--x"]) == {"git_commit": None, "command": "eval_zeroshot.py --x"}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the real tiny model
 
@@ -615,7 +698,7 @@ def canned_cli(tmp_path, monkeypatch):
             self.name, self.config = name, SimpleNamespace(image_size=8)
 
     monkeypatch.setattr(ez, "_load_model", lambda path, **kw: Named(Path(path).parent.name))
-    monkeypatch.setattr(ez, "_build_class_dataset", lambda data, size, cn: (intensity_dataset(1, size=8),
+    monkeypatch.setattr(ez, "_build_class_dataset", lambda data, size, cn, root=None: (intensity_dataset(1, size=8),
                                                                            list(CLASSES)))
     monkeypatch.setattr(ez, "class_embeddings", lambda *a, **kw: torch.zeros(10, 4))
     monkeypatch.setattr(ez, "evaluate", lambda model, *a, **kw: canned_metrics(model.name))
