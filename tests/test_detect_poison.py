@@ -4,6 +4,8 @@ poison geometry, an end-to-end run on a tiny poisoned victim, and train_declip.p
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -179,12 +181,13 @@ def victim(tmp_path_factory):
     return out
 
 
+DETECT = ["--cpu", "--chunk", "500", "--batch-size", "128", "--precision", "no", "--flag-fraction", "0.05"]
+
+
 @pytest.fixture(scope="module")
 def detected(victim, tmp_path_factory):
     out = tmp_path_factory.mktemp("detect")
-    args = td.parse_args(dp.build_parser(), ["--ckpt", str(victim), "--out-dir", str(out), "--cpu",
-                                             "--chunk", "500", "--batch-size", "128", "--precision", "no",
-                                             "--flag-fraction", "0.05"])
+    args = td.parse_args(dp.build_parser(), ["--ckpt", str(victim), "--out-dir", str(out), *DETECT])
     return out, dp.detect(args)
 
 
@@ -228,7 +231,23 @@ def test_detect_scores_the_victims_view_trigger_and_target_caption(victim, detec
         caption = plan.caption(i, item["caption"], dd.sample_rng(0, i))
         with torch.no_grad():
             a, b = model.encode_image(x), model.encode_text(dd.tokenize([caption], cfg.context_length))
-        assert scores["clipscore"][i] == pytest.approx(-torch.cosine_similarity(a, b).item(), abs=1e-4)
+        assert scores["clipscore"][i] == pytest.approx(-torch.cosine_similarity(a, b).item(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_score_each_pair_once_with_the_same_scores_as_one(victim, detected, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(root, "configs", "accelerate", "cpu_2proc.yaml"), "--main_process_port", "29527",
+           os.path.join(root, "tests", "ddp_detect.py"), "--ckpt", str(victim), "--out-dir", str(tmp_path / "d2"),
+           *DETECT, "--batch-size", "96"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    one, two = np.load(detected[0] / "scores.npy"), np.load(tmp_path / "d2" / "scores.npy")
+    for d in dp.DETECTORS:  # the chunks (and so each pair's references) do not depend on the processes
+        assert np.isfinite(two[d]).all() and np.allclose(one[d], two[d], rtol=1e-4, atol=1e-5), d
+    assert (tmp_path / "d2" / dp.FLAGGED_FILE).read_text() == (detected[0] / dp.FLAGGED_FILE).read_text()
 
 
 @pytest.mark.slow
@@ -237,27 +256,34 @@ def test_exclude_indices_drops_the_flagged_pairs_and_keeps_the_plan_on_the_rest(
     out, _ = detected
     flagged = set(int(x) for x in (out / dp.FLAGGED_FILE).read_text().split())
     plan = pdata.PoisonPlan.load(str(victim))
-    seen = []
+    seen, built = [], []
 
     class Recording(dd.TrainPairs):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            built.append(self)
+
         def __getitem__(self, v):
             item = super().__getitem__(v)
-            i = int(v) % self.n
-            orig = self.base.indices[i] if isinstance(self.base, torch.utils.data.Subset) else i
-            seen.append((orig, item["poisoned"]))
+            seen.append((self.base.indices[int(v) % self.n], item["poisoned"]))
             return item
 
     monkeypatch.setattr(dd, "TrainPairs", Recording)
     run = tmp_path / "clean"
-    td.train(td.parse_args(td.build_parser(), SMALL + ["--max-steps", "30", "--poison-rate", "0.05",
+    td.train(td.parse_args(td.build_parser(), SMALL + ["--max-steps", "3", "--poison-rate", "0.05",
                                                         "--exclude-indices", str(out / dp.FLAGGED_FILE),
                                                         "--out-dir", str(run)]))
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["resolved"]["n_train"] == 1000 - len(flagged) and cfg["resolved"]["excluded"]["n"] == len(flagged)
-    assert len(seen) >= 30 * 32 and not flagged & {i for i, _ in seen}
-    # the pairs left keep their dataset index: exactly the plan's ones are still poisoned
+    assert cfg["resolved"]["n_train"] == 1000 - len(flagged) and cfg["excluded"]["n"] == len(flagged)
+    # the dataset the loop draws every batch from holds exactly the pairs left ...
+    (pairs,) = built
+    assert len(pairs) == 1000 - len(flagged) and set(pairs.base.indices) == set(range(1000)) - flagged
+    assert len(seen) >= 3 * 32 and not flagged & {i for i, _ in seen}
+    # ... and they keep their dataset index: exactly the plan's ones are still poisoned
+    assert [pairs.poison.is_poisoned(j) for j in range(len(pairs))] == [
+        plan.is_poisoned(i) for i in pairs.base.indices]
     assert all(p == plan.is_poisoned(i) for i, p in seen)
-    assert any(p for _, p in seen)
+    assert any(plan.is_poisoned(i) for i in pairs.base.indices)
 
 
 def test_exclude_indices_out_of_range_is_a_one_line_user_error(tmp_path, capsys):
