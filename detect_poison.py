@@ -61,18 +61,22 @@ EPS = 1e-4  # the source's epsilon inside log(d_i / d_k) of the LID MLE (keeps l
 # Detectors on one chunk: query image embeddings vs the chunk's image + caption embeddings
 
 
-def _sorted_ref_distances(q_img, ref_img, ref_txt, pos):
-    """Euclidean distances of each query (row r is the chunk's pair pos[r]) to the 2m references
-    [ref_img; ref_txt], its own image and caption removed, sorted ascending: (sorted [q, 2m-2], reference
-    index of each). Exact (non-matmul) distances, as the source uses for LID precision."""
+def _distances(a, b):
+    """Euclidean distances in float64. The source takes exact (non-matmul) float32 distances for the
+    precision of LID; the matmul form in float64 is as precise and an order of magnitude faster."""
+    return torch.cdist(a.double(), b.double(), compute_mode="use_mm_for_euclid_dist")
+
+
+def _sorted_ref_distances(q_img, ref_img, ref_txt, pos, n):
+    """The n smallest Euclidean distances of each query (row r is the chunk's pair pos[r]) to the 2m
+    references [ref_img; ref_txt], its own image and caption left out, ascending, and their reference indices."""
     ref = torch.cat([ref_img, ref_txt])
     m = ref_img.shape[0]
-    d = torch.cdist(q_img, ref, compute_mode="donot_use_mm_for_euclid_dist")
+    d = _distances(q_img, ref)
     rows = torch.arange(len(pos), device=d.device)
     d[rows, pos] = float("inf")  # own pair out (source: get_pair_wise_distance masks the diagonal in both halves)
     d[rows, pos + m] = float("inf")
-    a, idx = torch.sort(d, dim=1)
-    return a[:, :-2], idx[:, :-2]
+    return torch.topk(d, n, dim=1, largest=False, sorted=True)
 
 
 def lid_mle(a, k):
@@ -84,7 +88,8 @@ def _reference_stats(ref_img, ref_txt, k):
     """k-distance and LID (k) of every reference point within the reference set, itself included at
     distance 0 (source: dao.py / slof.py sort the full reference-to-reference matrix unmasked)."""
     ref = torch.cat([ref_img, ref_txt])
-    a, _ = torch.sort(torch.cdist(ref, ref, compute_mode="donot_use_mm_for_euclid_dist"), dim=1)
+    d = _distances(ref, ref).fill_diagonal_(0.0)  # the matmul form leaves rounding noise on the diagonal
+    a = torch.topk(d, k + 1, dim=1, largest=False, sorted=True).values
     return a[:, k], lid_mle(a, k)
 
 
@@ -98,7 +103,7 @@ def knn_scores(q_img, ref_img, ref_txt, pos, detectors=DETECTORS, k=16, lid_k=64
     if max(k, lid_k if "lid" in want else 0) >= n_ref:
         raise UserError(f"--chunk: a chunk of {ref_img.shape[0]} pairs has {n_ref} references per pair, too few "
                         f"for k = {max(k, lid_k)}; raise --chunk (or lower --k / --lid-k)")
-    a, idx = _sorted_ref_distances(q_img, ref_img, ref_txt, pos)
+    a, idx = _sorted_ref_distances(q_img, ref_img, ref_txt, pos, max(k, lid_k if "lid" in want else 0) + 1)
     out = {}
     kd = a[:, k]  # source: a[:, self.k] (0-based) of the own-pair-removed sorted distances
     if "kdist" in want:
@@ -312,6 +317,8 @@ def detect(args) -> dict:
     bf16 = args.precision == "bf16"
     bar = tqdm(total=len(keep), disable=not main, desc="detect", dynamic_ncols=True)
     model.eval()
+    n_scored = 0
+    t_score = 0.0  # of the loop's time, the part spent scoring (the rest: loading and embedding)
     with torch.no_grad():
         for c, nb in enumerate(n_batches):
             imgs, txts, idxs = [], [], []
@@ -338,15 +345,22 @@ def detect(args) -> dict:
             sizes = ez._gather_rows(torch.tensor([len(mine_idx)], device=device), accelerator).tolist()
             start = sum(sizes[:rank])
             pos = torch.arange(start, start + len(mine_idx), device=device)
+            t1 = time.time()
             s = score_chunk(mine_img, mine_txt, ref_img, ref_txt, pos, args.detectors, args.k, args.lid_k,
                             seed=dd._int_seed(args.seed, "iforest", c) % 2**32) if len(pos) else \
                 {k: torch.zeros(0, device=device) for k in args.detectors}
+            t_score += time.time() - t1
             got = ez._gather_rows(torch.stack([s[k] for k in args.detectors], 1), accelerator)
             got_idx = ez._gather_rows(mine_idx, accelerator)
+            n_scored += len(got_idx)
             if main:
                 table[got_idx.cpu().numpy()] = got.cpu().numpy()
             bar.update(len(chunks[c]))
     bar.close()
+    n_bad = len(keep) - n_scored  # unreadable or uncaptioned pairs (every process knows the total)
+    if n_bad > args.max_bad_fraction * len(keep):
+        raise UserError(f"--data: {n_bad} of {len(keep)} pairs are unreadable or uncaptioned, more than "
+                        f"--max-bad-fraction {args.max_bad_fraction}; fix the data or raise the fraction")
     if not main:
         accelerator.wait_for_everyone()
         return {}
@@ -367,7 +381,7 @@ def detect(args) -> dict:
                     else args.flag_fraction, "threshold": args.flag_threshold, "n": int(len(flagged)),
                     "poisoned": hit, "recall": hit / max(1, int(labels.sum())) if plan is not None else None,
                     "file": FLAGGED_FILE},
-        "seconds": round(time.time() - t0, 2),
+        "seconds": round(time.time() - t0, 2), "seconds_scoring": round(t_score, 2),
     }
     out = args.out_dir
     os.makedirs(out, exist_ok=True)
