@@ -26,10 +26,11 @@ Higher score = more suspicious for every detector:
 Run directory (--out-dir): scores.npy (one float32 field per detector, row i = training pair i; NaN for a
 pair not scored), detection.json (ROC-AUC, PR-AUC, FPR@95%TPR per detector, against the manifest),
 flagged.txt (the flagged dataset indices, one per line: what train_declip.py --exclude-indices reads),
-config.json. Memory: the embeddings live one chunk at a time (2 x chunk x embed_dim floats plus a
-2 chunk x 2 chunk distance matrix, ~70 MB at chunk 2048); what grows with the data is the score table on the
-main process, 4 bytes per pair per detector plus 9 bytes of index and label: 33 MB per million pairs
-with all six detectors, 0.5 GB for 15M pairs.
+config.json. --exclude-indices FILE leaves those pairs unscored (NaN). Memory: the embeddings live one
+chunk at a time (2 x chunk x embed_dim floats and 2 chunk x 2 chunk float64 distances, ~0.2 GB at chunk
+2048); what grows with the data is on the main process: the score table, 4 bytes per pair per detector
+(24 MB per million pairs with all six), at peak about 0.1 GB per million pairs with its copy written to
+scores.npy, the index order and the metrics' sort (1.6 GB for 15M pairs).
 """
 
 from __future__ import annotations
@@ -215,6 +216,22 @@ def resolve_data(args, victim_cfg: dict):
     return args
 
 
+class _Batches:
+    """Batch sampler: this process's share of each chunk in batches, made lazily (a list of Python ints
+    for 15M pairs would take half a gigabyte)."""
+
+    def __init__(self, shares, batch_size):
+        self.shares, self.batch_size = shares, batch_size
+
+    def __len__(self):
+        return sum(len(s.split(self.batch_size)) for s in self.shares)
+
+    def __iter__(self):
+        for s in self.shares:
+            for b in s.split(self.batch_size):
+                yield b.tolist()
+
+
 def _chunks(order: torch.Tensor, chunk: int):
     """Split `order` into chunks of about `chunk` pairs (the remainder spread, none much smaller)."""
     n_chunks = max(1, -(-len(order) // chunk))
@@ -253,7 +270,9 @@ def build_parser():
     g.add_argument("--flag-fraction", type=float, default=0.01,
                    help="flag this fraction of the scored pairs, highest scores first (default 0.01)")
     g.add_argument("--flag-threshold", type=float, default=None, help="flag the pairs scoring at least this instead")
-    p.add_argument("--precision", choices=("no", "bf16"), default="bf16", help="autocast of the embedding pass")
+    p.add_argument("--precision", choices=("no", "bf16"), default=None,
+                   help="autocast of the embedding pass (default: bf16 on a GPU, no on the CPU, where bf16 "
+                        "autocast of the ResNet was measured 10x slower)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     return p
 
@@ -300,13 +319,15 @@ def detect(args) -> dict:
     trigger = ez.make_trigger(applied.trigger, applied.trigger_params, seed) if applied else None
 
     excluded = td.read_index_file(args.exclude_indices, n_train) if args.exclude_indices else set()
-    keep = torch.tensor([i for i in range(n_train) if i not in excluded], dtype=torch.long)
+    drop = torch.zeros(n_train, dtype=torch.bool)
+    drop[list(excluded)] = True
+    keep = torch.arange(n_train)[~drop]
     order = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(dd._int_seed(args.seed, "detect")))]
     chunks = _chunks(order, args.chunk)
     # this process embeds a contiguous share of each chunk (each pair once across processes), in batches
     # that never straddle chunks; the chunk's embeddings are then gathered in rank order
     shares = [c[slice(*ez._shard_bounds(len(c), rank, world))] for c in chunks]
-    batches = [b.tolist() for s in shares for b in s.split(args.batch_size)]
+    batches = _Batches(shares, args.batch_size)
     n_batches = [len(s.split(args.batch_size)) for s in shares]
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     collate = lambda items: dd.collate_pairs(items, cfg.context_length)  # noqa: E731
@@ -314,7 +335,7 @@ def detect(args) -> dict:
                                               pin_memory=device.type == "cuda"))
 
     table = np.full((n_train, len(args.detectors)), np.nan, dtype=np.float32) if main else None
-    bf16 = args.precision == "bf16"
+    bf16 = (args.precision or ("bf16" if device.type == "cuda" else "no")) == "bf16"
     bar = tqdm(total=len(keep), disable=not main, desc="detect", dynamic_ncols=True)
     model.eval()
     n_scored = 0
