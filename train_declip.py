@@ -85,6 +85,9 @@ def add_data_args(p: argparse.ArgumentParser):
                    help="hold out the last N training pairs (never trained on) and evaluate on them instead "
                         "of the test split: tune recipes on this, never on the test split")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 6 on GPU)")
+    g.add_argument("--exclude-indices", default=None, metavar="FILE",
+                   help="never train on these pairs (a file of dataset indices, one per line, e.g. detect_poison.py's "
+                        "flagged.txt): the 'detect, then train clean' defense (default: none)")
 
 
 def add_poison_args(p: argparse.ArgumentParser):
@@ -411,6 +414,36 @@ def make_poison_plan(args, base, n_train: int) -> Optional["pdata.PoisonPlan"]:
         classnames=getattr(base, "classnames", None), dataset_fingerprint=pdata.dataset_fingerprint(base))
 
 
+def read_index_file(path: str, n: int) -> set:
+    """The dataset indices in `path` (whitespace-separated integers; '#' starts a comment), each in [0, n)."""
+    try:
+        with open(path) as f:
+            words = [w for line in f for w in line.split("#", 1)[0].split()]
+        indices = [int(w) for w in words]
+    except OSError as e:
+        raise UserError(f"--exclude-indices {path}: cannot read it ({e.strerror}); give a file of indices") from None
+    except ValueError as e:
+        raise UserError(f"--exclude-indices {path}: not a list of integer indices ({e})") from None
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise UserError(f"--exclude-indices {path}: index {bad[0]} is outside the {n} training pairs [0, {n}); "
+                        f"give the flagged list of this --data (and --holdout)")
+    return set(indices)
+
+
+class _SubsetPlan:
+    """A poison plan seen through a subset: position j of the subset is dataset index keep[j]."""
+
+    def __init__(self, plan, keep: Sequence[int]):
+        self.plan, self.keep = plan, list(keep)
+
+    def is_poisoned(self, j: int) -> bool:
+        return self.plan.is_poisoned(self.keep[j])
+
+    def caption(self, j: int, caption, rng=None):
+        return self.plan.caption(self.keep[j], caption, rng)
+
+
 def prepare_run_dir(args):
     out = args.out_dir
     finished = os.path.exists(os.path.join(out, "model.safetensors"))
@@ -677,7 +710,8 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     # --- data
     base = load_base(args, cfg.image_size, keep_aspect=True)
     streamed = isinstance(base, torch.utils.data.IterableDataset)  # webdataset shards
-    if streamed and (args.holdout or train_indices is not None or args.caption_mode == "label-consistent"):
+    exclude = getattr(args, "exclude_indices", None)
+    if streamed and (args.holdout or train_indices is not None or exclude or args.caption_mode == "label-consistent"):
         raise UserError("--data: streamed webdataset shards cannot be subset (--holdout, a defense's clean "
                         "subset, label-consistent poisoning); use --clean-data or a map-style format")
     n_all = len(base)
@@ -686,11 +720,21 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         raise UserError("--holdout needs a labelled dataset with class names (e.g. the embedded Fashion-MNIST)")
     n_train = n_all - len(holdout_idx)
     plan = make_poison_plan(args, base, n_train)
+    pair_plan = plan  # what TrainPairs asks is_poisoned / caption, with its own (subset) index
+    if exclude:  # "detect, then train clean": the flagged pairs are never loaded
+        drop = read_index_file(exclude, n_train)
+        record = {**(record or {}), "excluded": {"file": exclude, "n": len(drop)}}
+        if train_indices is not None:
+            train_indices = [i for i in train_indices if i not in drop]
     if train_indices is not None:
         idx = list(train_indices)
         train_base = torch.utils.data.Subset(base, idx)
         if plan is not None:
             raise UserError("poisoning a defense's clean subset is not supported")
+    elif exclude:
+        keep = [i for i in range(n_train) if i not in drop]
+        train_base = torch.utils.data.Subset(base, keep)
+        pair_plan = _SubsetPlan(plan, keep) if plan is not None else None
     elif holdout_idx:
         train_base = torch.utils.data.Subset(base, list(range(n_train)))
     else:
@@ -709,7 +753,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
                                       eda=eda, num_epochs=num_epochs, rank=rank, world=world)
         sampler = None
     else:  # virtual indices epoch * n + i: per-sample randomness independent of workers and processes
-        pairs = dd.TrainPairs(train_base, seed=args.seed, context_length=cfg.context_length, poison=plan, eda=eda)
+        pairs = dd.TrainPairs(train_base, seed=args.seed, context_length=cfg.context_length, poison=pair_plan, eda=eda)
         sampler = dd.EpochSampler(n, seed=args.seed, num_epochs=num_epochs)
     workers = args.workers if args.workers is not None else (6 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
