@@ -495,3 +495,12 @@ def test_init_optimizer_continues_our_runs_moments(tmp_path):
         lone = tmp_path / "lone.safetensors"
         lone.write_bytes((a / "model.safetensors").read_bytes())
         td.train(_args(tmp_path / "c", "--max-steps", "1", "--init-from", str(lone), "--init-optimizer"))
+
+
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert not td.cpu_has_native_bf16(str(avx2))
+    assert td.cpu_has_native_bf16(str(amx)) and td.cpu_has_native_bf16(str(tmp_path / "missing"))
