@@ -25,7 +25,7 @@ class FixedViews(td.Extension):
         return inputs
 
     @staticmethod
-    def augment(images, generator, trigger=None, poison_mask=None):
+    def augment(images, generator, trigger=None, poison_mask=None, sizes=None):
         return dd.eval_transform(images, 32, dd.IMAGENET_MEAN, dd.IMAGENET_STD)
 
 
