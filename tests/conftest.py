@@ -4,6 +4,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -32,3 +33,13 @@ def caption_shards(tmp_path):
         return str(tmp_path / f"shard-{{0..{len(sizes) - 1}}}.tar")
 
     return write
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: the test machine's 2 cores are shared, and one thread avoids
+    OpenMP spin-waiting under contention (modules opt in with pytest.mark.usefixtures("one_thread"))."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

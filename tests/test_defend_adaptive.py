@@ -17,7 +17,9 @@ import train_declip as td
 
 
 # the same one-thread setting, small flags and tiny poisoned victim as the NAD tests
-from test_defend_nad import SMALL, one_thread, victim  # noqa: E402,F401  (pytest fixtures)
+from test_defend_nad import SMALL, victim  # noqa: E402,F401  (pytest fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher(seed=0):

@@ -14,7 +14,9 @@ import data_declip as dd
 import defend_finetune as dft
 import modeling_declip as md
 import train_declip as td
-from test_defend_nad import SMALL, one_thread, victim  # noqa: F401  (pytest fixtures)
+from test_defend_nad import SMALL, victim  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(b=6, seed=0, size=32):

@@ -15,13 +15,7 @@ import train_declip as td
 from data_declip import UserError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's 2 cores are shared: one thread avoids OpenMP spin-waiting under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = ["--batch-size", "32", "--holdout", "100", "--templates", "1", "--precision", "no", "--cpu",

@@ -18,13 +18,7 @@ import poison_data as pdata
 import train_declip as td
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's 2 cores are shared: one thread avoids OpenMP spin-waiting under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,19 +23,13 @@ import train_declip as td
 from data_declip import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.skipif(not os.path.isdir(dd.fashion_mnist_dir()), reason="Fashion-MNIST not installed")
+pytestmark = [pytest.mark.skipif(not os.path.isdir(dd.fashion_mnist_dir()), reason="Fashion-MNIST not installed"),
+              pytest.mark.usefixtures("one_thread")]
 
 CLASSES = ("bag", "coat", "sandal")  # 'bag': the default target on Fashion-MNIST, so the victim's
 SMALL = ["--templates", "1", "--cpu", "--log-every", "1", "--save-every", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's 2 cores are shared: one thread avoids OpenMP spin-waiting under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
