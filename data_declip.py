@@ -1263,7 +1263,7 @@ class _PairMaker:
 
     def __init__(self, seed: int, context_length: int, poison, eda, mlm_prob: float):
         self.seed, self.context_length, self.poison = seed, context_length, poison
-        self.eda, self.mlm_prob = eda, mlm_prob
+        self.mlm_prob = mlm_prob
         # eda: the second caption view's function (text, rng) -> text; True = DeCLIP's EDA, False/None = none
         self.text_aug = TEXT_AUGS["declip"] if eda is True else (eda or None)
 
