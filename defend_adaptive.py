@@ -298,7 +298,7 @@ class AdaptiveExtension(nad.NADExtension):
         device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
         cfg, declip = self.cfg, args.mode == "declip"
         weights = self.attack_weights
-        pairs = dd.TrainPairs(subset, seed=args.seed, context_length=cfg.context_length, eda=declip and not args.no_eda)
+        pairs = dd.TrainPairs(subset, seed=args.seed, context_length=cfg.context_length, eda=self.text_aug(args))
         n = len(pairs)
         per = -(-n // world)
         order = torch.arange(per * world) % n  # padded so every process crafts equally many
