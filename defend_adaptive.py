@@ -243,10 +243,13 @@ class AdaptiveExtension(nad.NADExtension):
         self.attack_weights, bank_source = self._attack_weights(args)
         if accelerator.is_main_process:
             print(f"adaptive: the attack's nearest-neighbour term: {bank_source}")
-        args.adv_resolved = {"mode": self.mode, **self.attack, "mask_duplicates": self.mask_duplicates,
-                             "attack_nn_bank": bank_source}
+        self.bank_source = bank_source
         if self.mode == "cache":
             self.cache, self.cache_sizes = self._load_or_build_cache(accelerator, args, dataset)
+
+    def record(self) -> dict:
+        return {**super().record(), "mode": self.mode, **self.attack, "mask_duplicates": self.mask_duplicates,
+                "attack_nn_bank": self.bank_source}
 
     def _attack_weights(self, args):
         """The attacked loss's weights and where its NN term's memory bank comes from: the bank the

@@ -255,7 +255,9 @@ class NADExtension(td.Extension):
             raise UserError(f"--teacher {self.teacher_path} has no module {missing[0]!r}; give a teacher with the "
                             f"victim's image tower")
         self.betas = resolve_betas(layers, self.beta_list, self.betas_original)
-        args.nad_resolved = {"teacher": self.teacher_path, "betas": self.betas, "power": self.power}
+
+    def record(self) -> dict:
+        return {"teacher": self.teacher_path, "betas": self.betas, "power": self.power}
 
     def tap_names(self, model) -> List[str]:
         return [n for n, b in self.betas.items() if b != 0]

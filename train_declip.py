@@ -196,6 +196,7 @@ class Extension:
       `views(batch, b, generator)` builds the loop's own (MoCo-v2 image views, MLM-masked caption).
     - `extend_batch(inputs, batch, generator)`: change the model inputs (e.g. append adversarial rows).
     - `extra_loss(model, inputs, taps)`: weighted terms added to the loss, returned by name.
+    - `record()`: the defense's settings, written to config.json as resolved.defense_settings.
     """
 
     name = "train"
@@ -222,6 +223,9 @@ class Extension:
         return inputs
 
     def extra_loss(self, model, inputs: dict, taps: Dict[str, List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def record(self) -> dict:
         return {}
 
 
@@ -816,7 +820,8 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         record_cfg = {k: v for k, v in vars(args).items()}
         record_cfg.update(resolved=dict(model_config=cfg.to_dict(), world_size=world, global_batch=global_batch,
                                         total_steps=total, steps_per_epoch=steps_per_epoch, n_train=n,
-                                        weights=dataclasses.asdict(weights), defense=ext.name), **(record or {}))
+                                        weights=dataclasses.asdict(weights), defense=ext.name,
+                                        defense_settings=ext.record()), **(record or {}))
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump(record_cfg, f, indent=2, default=str)
         if plan is not None:

@@ -218,14 +218,14 @@ def test_attack_uses_the_teachers_trained_memory_bank_and_leaves_the_nn_term_out
     with_state = adp.AdaptiveExtension(str(victim / "model.safetensors"), mode="online")
     with_state.setup(_Acc(), _teacher(2).train(), args, None)
     assert torch.equal(with_state.teacher.nn_bank.bank, saved["bank_bank"])
-    assert with_state.attack_weights.nn == 0.2 and "trained memory bank" in args.adv_resolved["attack_nn_bank"]
+    assert with_state.attack_weights.nn == 0.2 and "trained memory bank" in with_state.record()["attack_nn_bank"]
     # a bare model file has no bank: its random initial bank must not steer the attack
     bare = tmp_path / "bare.safetensors"
     bare.write_bytes((victim / "model.safetensors").read_bytes())
     alone = adp.AdaptiveExtension(str(bare), mode="online")
     alone.setup(_Acc(), _teacher(2).train(), args, None)
     assert alone.attack_weights.nn == 0.0 and alone.attack_weights.clip == 0.4
-    assert "left out" in args.adv_resolved["attack_nn_bank"]
+    assert "left out" in alone.record()["attack_nn_bank"]
 
 
 class _Acc1(_Acc):
@@ -306,8 +306,8 @@ def test_cache_mode_run_writes_run_dir_and_a_cache_within_eps(victim, tmp_path):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
     assert [r["step"] for r in rows] == [1, 2] and all(r["nad"] > 0 for r in rows)
     cfg = json.load(open(out / "config.json"))
-    assert cfg["resolved"]["defense"] == "adaptive" and cfg["adv_resolved"]["mode"] == "cache"
-    assert cfg["adv_resolved"]["mask_duplicates"] is True
+    assert cfg["resolved"]["defense"] == "adaptive" and cfg["resolved"]["defense_settings"]["mode"] == "cache"
+    assert cfg["resolved"]["defense_settings"]["mask_duplicates"] is True
 
     # one adversarial image per clean pair, each within eps of its clean image (pixel levels)
     subset = cfg["clean_subset"]["indices"]
@@ -333,5 +333,5 @@ def test_online_mode_with_duplicate_negatives_runs_end_to_end(victim, tmp_path):
                       "--keep-duplicate-negatives")
     assert summary["steps"] == 1 and not (out / "adv_cache.pt").exists()
     cfg = json.load(open(out / "config.json"))
-    assert cfg["adv_resolved"]["mode"] == "online" and cfg["adv_resolved"]["mask_duplicates"] is False
+    assert cfg["resolved"]["defense_settings"]["mode"] == "online" and cfg["resolved"]["defense_settings"]["mask_duplicates"] is False
     assert "nad" in json.loads(open(out / "metrics.jsonl").readline())

@@ -115,3 +115,94 @@ def test_ft_trains_the_victims_declip_loss(victim, tmp_path):
     row = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line][0]
     assert {"clip", "ss", "mlm", "nn"} <= set(row) and "inmodal" not in row
     assert json.load(open(out / "config.json"))["resolved"]["defense"] == "ft"
+
+
+# ----------------------------------------------------------------------------------------------
+# PAR
+
+
+def _par(model):
+    ext = dft.PAR()
+    ext.setup(type("A", (), {"device": torch.device("cpu")})(), model, None, None)
+    return ext
+
+
+def test_par_drift_is_the_official_squared_distance_and_vanishes_past_tau():
+    """PerturbAndRecover losses.py: l2(normalize(e), normalize(f)) summed over dimensions, mean over the
+    batch; threshold_tensor sets it to 0 once it exceeds loss_thresh."""
+    g = torch.Generator().manual_seed(0)
+    e, f = torch.randn(8, 16, generator=g, requires_grad=True), torch.randn(8, 16, generator=g)
+    d = dft.par_distance(e, f, tau=4.0)
+    ref = F.mse_loss(F.normalize(e, dim=-1), F.normalize(f, dim=-1), reduction="none").sum(dim=1).mean()
+    assert d.item() == pytest.approx(ref.item(), rel=1e-6) and 0.5 < d.item() < 4
+    d.backward()
+    assert e.grad.abs().sum() > 0
+    e.grad = None
+    past = dft.par_distance(e, f, tau=d.item() - 1e-3)
+    past.backward()
+    assert past.item() == 0.0 and e.grad.abs().sum() == 0
+
+
+def test_par_loss_is_clip_minus_half_the_drift_from_the_frozen_victim():
+    torch.manual_seed(0)
+    model = md.build_model("tiny", context_length=16).train()
+    ext = _par(model)
+    with torch.no_grad():  # the student has moved away from the victim
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images, _, tokens, _ = _batch()
+    inputs = dict(images=images, tokens=tokens, weights=ext.loss_weights(None))
+    with model.tap(ext.tap_names(model)) as taps:
+        out = model(**inputs)
+        terms = ext.extra_loss(model, inputs, taps)
+    e_img, e_txt = model.encode_image(images), model.encode_text(tokens)
+    f_img, f_txt = ext.frozen.encode_image(images), ext.frozen.encode_text(tokens)
+    d = lambda a, b: (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1).mean()
+    s = model.logit_scale.exp().clamp(max=100)
+    i, t, target = F.normalize(e_img, dim=1), F.normalize(e_txt, dim=1), torch.arange(6)
+    clip = (F.cross_entropy(s * i @ t.t(), target) + F.cross_entropy(s * t @ i.t(), target)) / 2
+    assert out["clip"].item() == pytest.approx(clip.item(), rel=1e-5)
+    assert terms["par_img"].item() == pytest.approx(-0.5 * d(e_img, f_img).item(), rel=1e-5)
+    assert terms["par_txt"].item() == pytest.approx(-0.5 * d(e_txt, f_txt).item(), rel=1e-5)
+    assert terms["par_img"].item() < 0 and terms["par_txt"].item() < 0
+    (out["loss"] + terms["par_img"] + terms["par_txt"]).backward()
+    assert model.visual.conv1.weight.grad is not None
+    assert all(p.grad is None for p in ext.frozen.parameters()) and not ext.frozen.training
+
+
+def test_par_view_adds_only_positive_noise_and_erases_one_small_square():
+    """The official transform: Resize + CenterCrop, RandomApply(AddGaussianNoise(0, 0.2), p=0.5) whose
+    noise is clipped to [0, 1] before it is added, Normalize, RandomErasing(p=0.5, scale 0.5-1 %,
+    ratio 1, value 0)."""
+    model = md.build_model("tiny")
+    ext, cfg = _par(model), model.config
+    images = [torch.full((3, 32, 32), 100, dtype=torch.uint8)] * 200
+    plain = dft.resized_and_cropped(images[:1], cfg)[0]
+    views = ext.augmented(images, torch.Generator().manual_seed(0))
+    again = ext.augmented(images, torch.Generator().manual_seed(0))
+    assert torch.equal(views, again)
+    erased = (views == 0).all(dim=1)  # 0 after normalisation: the erased square, in every channel
+    noisy = ((views - plain).abs() > 1e-6).any(dim=1) & ~erased
+    n_erased = [int(erased[k].sum()) for k in range(200)]
+    assert 0.4 < sum(n > 0 for n in n_erased) / 200 < 0.6
+    assert {n for n in n_erased if n} <= {4, 9}  # side round(sqrt(0.5-1 % of 1,024 px)): 2 or 3
+    frac_noisy = sum(bool(noisy[k].any()) for k in range(200)) / 200
+    assert 0.4 < frac_noisy < 0.6
+    assert ((views - plain)[~erased.unsqueeze(1).expand_as(views)] >= -1e-6).all()  # noise only adds
+
+
+def test_par_trains_clip_minus_drift_whatever_the_victim_mode(victim, tmp_path):
+    out = tmp_path / "par"
+    dft.main(SMALL + ["--ckpt", str(victim), "--clean-fraction", "0.01", "--no-eval", "--method", "par",
+                      "--max-steps", "2", "--warmup-steps", "0", "--lr", "1e-3", "--out-dir", str(out)])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert len(rows) == 2
+    # the text tower starts equal to the frozen copy (drift 0); the image tower's BatchNorm uses batch
+    # statistics where the frozen copy uses its running ones
+    assert rows[0]["par_txt"] == 0 and rows[1]["par_txt"] < 0
+    for r in rows:
+        assert r["par_img"] < 0 and not {"ss", "mlm", "nn"} & set(r)
+        assert r["loss"] == pytest.approx(r["clip"] + r["par_img"] + r["par_txt"], rel=1e-4)
+    cfg = json.load(open(out / "config.json"))["resolved"]
+    assert cfg["defense"] == "par" and cfg["defense_settings"] == {"tau": 2.15, "drift_weight": 0.5}
+    assert cfg["weights"] == dict(clip=1.0, ss=0.0, mlm=0.0, nn=0.0, inmodal=0.0)

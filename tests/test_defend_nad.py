@@ -209,7 +209,7 @@ def test_nad_run_writes_its_run_directory_with_a_frozen_inline_teacher(victim, t
     assert all(r["nad"] > 0 for r in steps)
     cfg = json.load(open(out / "config.json"))
     assert cfg["resolved"]["defense"] == "nad"
-    assert cfg["nad_resolved"]["betas"] == {f"visual.layer{i}": b for i, b in zip(range(1, 5), (500, 1000, 1000, 1000))}
+    assert cfg["resolved"]["defense_settings"]["betas"] == {f"visual.layer{i}": b for i, b in zip(range(1, 5), (500, 1000, 1000, 1000))}
 
     # the teacher never changed: frozen, eval mode, the weights of its file
     assert not ext.teacher.training and not any(p.requires_grad for p in ext.teacher.parameters())
@@ -236,7 +236,7 @@ def test_cli_reuses_a_given_teacher_and_rejects_a_missing_one(victim, tmp_path, 
     assert summary["steps"] == 1 and summary["after"]["clean"]["n"] == 100
     assert not (out / "teacher").exists()
     cfg = json.load(open(out / "config.json"))
-    assert set(cfg["nad_resolved"]["betas"].values()) == {4.0}
+    assert set(cfg["resolved"]["defense_settings"]["betas"].values()) == {4.0}
     assert "nad" in json.loads(open(out / "metrics.jsonl").readline())
 
 
