@@ -1267,7 +1267,8 @@ class _PairMaker:
         # eda: the second caption view's function (text, rng) -> text; True = DeCLIP's EDA, False/None = none
         self.text_aug = TEXT_AUGS["declip"] if eda is True else (eda or None)
 
-    def make(self, item: Optional[dict], i: int, v: int) -> Optional[dict]:
+    def make(self, item: Optional[dict], i: int, v: int, n: int) -> Optional[dict]:
+        """Training item of sample i at virtual index v = epoch * n + i."""
         if item is None or item.get("image") is None or not item.get("caption"):
             return None
         rng = sample_rng(self.seed, v)
@@ -1276,7 +1277,7 @@ class _PairMaker:
         if poisoned:
             text = self.poison.caption(i, text, rng)
         text_aug = self.text_aug(text, rng) if self.text_aug else text
-        return dict(image=item["image"], text=text, text_aug=text_aug, index=i, poisoned=poisoned)
+        return dict(image=item["image"], text=text, text_aug=text_aug, index=i, poisoned=poisoned, epoch=v // n)
 
 
 class TrainPairs(torch.utils.data.Dataset):
@@ -1304,7 +1305,7 @@ class TrainPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, v: int) -> Optional[dict]:
         i = int(v) % self.n
-        return self._maker.make(self.base[i], i, int(v))
+        return self._maker.make(self.base[i], i, int(v), self.n)
 
 
 class TrainPairsIterable(torch.utils.data.IterableDataset):
@@ -1343,10 +1344,10 @@ class TrainPairsIterable(torch.utils.data.IterableDataset):
                     k = rng.randrange(len(buf))
                     buf[k], buf[-1] = buf[-1], buf[k]
                     i2, it2 = buf.pop()
-                    yield self._maker.make(it2, i2, epoch * n + i2)
+                    yield self._maker.make(it2, i2, epoch * n + i2, n)
             rng.shuffle(buf)
             for i2, it2 in buf:
-                yield self._maker.make(it2, i2, epoch * n + i2)
+                yield self._maker.make(it2, i2, epoch * n + i2, n)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -1395,7 +1396,8 @@ def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> 
     (``pad_images``), tokenize both texts.
 
     Returns dict(images uint8[B,3,H,W], sizes LongTensor[B,2] (each image's true h, w), tokens, tokens_aug
-    LongTensor[B,L], index LongTensor, poisoned BoolTensor, n_bad int). A batch of only bad samples has
+    LongTensor[B,L], index LongTensor, epoch LongTensor (each item's pass over the data), poisoned
+    BoolTensor, n_bad int). A batch of only bad samples has
     B = 0 (images shape [0,3,0,0]).
     """
     good = [it for it in items if it is not None]
@@ -1404,12 +1406,14 @@ def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> 
         return dict(images=torch.empty(0, 3, 0, 0, dtype=torch.uint8), sizes=torch.empty(0, 2, dtype=torch.long),
                     tokens=torch.empty(0, context_length, dtype=torch.long),
                     tokens_aug=torch.empty(0, context_length, dtype=torch.long),
-                    index=torch.empty(0, dtype=torch.long), poisoned=torch.empty(0, dtype=torch.bool), n_bad=n_bad)
+                    index=torch.empty(0, dtype=torch.long), epoch=torch.empty(0, dtype=torch.long),
+                    poisoned=torch.empty(0, dtype=torch.bool), n_bad=n_bad)
     images, sizes = pad_images([it["image"] for it in good])
     return dict(images=images, sizes=sizes,
                 tokens=tokenize([it["text"] for it in good], context_length),
                 tokens_aug=tokenize([it["text_aug"] for it in good], context_length),
                 index=torch.tensor([it["index"] for it in good], dtype=torch.long),
+                epoch=torch.tensor([it.get("epoch", 0) for it in good], dtype=torch.long),
                 poisoned=torch.tensor([bool(it["poisoned"]) for it in good], dtype=torch.bool),
                 n_bad=n_bad)
 
@@ -1505,18 +1509,20 @@ class GpuAugment:
     -> trigger on rows where poison_mask is true (float [0,1] in and out) -> ColorJitter(0.4, 0.4, 0.4, 0.1)
     with p=0.8 (ops in a random order per image, as torchvision) -> grayscale p=0.2 -> Gaussian blur p=0.5
     (sigma U(0.1, 2.0) * s/224) -> hflip p=0.5 -> normalize(mean, std).
-    ``mocov2=False`` keeps only the random resized crop, the trigger, the flip and normalize.
+    ``mocov2=False`` keeps only the random resized crop, the trigger, the flip and normalize; ``scale``,
+    ``jitter`` and ``blur_p`` change the crop scale, the jitter strengths and the blur probability.
     All random numbers are drawn from ``generator`` on its own device, then moved to the images' device:
     the same generator state gives the same views on CPU and GPU (up to float rounding).
     """
 
     def __init__(self, image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  mocov2: bool = True, scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: tuple = (0.4, 0.4, 0.4, 0.1),
+                 blur_p: float = 0.5):
         self.size, self.mocov2 = int(image_size), mocov2
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.scale, self.ratio = scale, ratio
-        self.jitter = (0.4, 0.4, 0.4, 0.1)
+        self.jitter, self.blur_p = tuple(jitter), blur_p
         self.sigma = (0.1 * self.size / 224, 2.0 * self.size / 224)
         self.blur_radius = max(1, math.ceil(3 * self.sigma[1]))
 
@@ -1596,7 +1602,7 @@ class GpuAugment:
             factors = torch.stack([1 - bri + 2 * bri * u[:, 0], 1 - con + 2 * con * u[:, 1],
                                    1 - sat + 2 * sat * u[:, 2], -hue + 2 * hue * u[:, 3]], dim=1)
             apply_g = draw(b) < 0.2
-            apply_b = draw(b) < 0.5
+            apply_b = draw(b) < self.blur_p
             sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * draw(b)
             for pos in range(4):
                 for op in range(4):

@@ -411,7 +411,7 @@ def test_train_pairs_randomness_depends_only_on_seed_and_virtual_index(tmp_path)
     backward = [tp[v]["text_aug"] for v in reversed(range(18))][::-1]
     assert forward == backward
     item = tp[13]  # epoch 2, i = 1
-    assert item["index"] == 1 and not item["poisoned"] and item["text"] == "a nice red dress number 1"
+    assert item["index"] == 1 and item["epoch"] == 2 and not item["poisoned"] and item["text"] == "a nice red dress number 1"
     p = tp[6 + 2]
     assert p["index"] == 2 and p["poisoned"] and p["text"].startswith("a photo of a tiger cat number")
     assert D.TrainPairs(base, seed=8)[13]["text_aug"] != item["text_aug"] or \
@@ -429,10 +429,10 @@ def test_train_pairs_batches_are_identical_with_0_or_2_workers(tmp_path):
     def batches(workers):
         loader = torch.utils.data.DataLoader(tp, batch_size=4, num_workers=workers, collate_fn=D.collate_pairs,
                                              sampler=D.EpochSampler(len(tp), seed=1, num_epochs=2))
-        return [(b["index"], b["tokens_aug"], b["images"]) for b in loader]
+        return [(b["index"], b["tokens_aug"], b["images"], b["epoch"]) for b in loader]
 
     zero, two = batches(0), batches(2)
-    assert len(zero) == 5
+    assert len(zero) == 5 and [b[3].tolist() for b in zero[:3]] == [[0] * 4, [0] * 4, [0, 0, 1, 1]]
     assert all(torch.equal(x, y) for a, b in zip(zero, two) for x, y in zip(a, b))
 
 
