@@ -893,6 +893,25 @@ def _finish_md(md, rows, bar, footer, sentence):
     return "\n".join(table)
 
 
+def _report_head(title: str, info: dict, bullets: list, victim, clean: list, bar, sentence, bar_scope: str) -> list:
+    """The markdown lines above a report's table: title, run facts, metric notes, the bar's wording."""
+    md = [title, ""]
+    md += [f"- {key}: {info[key]}" for key in ("dataset", "templates", "trigger", "target") if info.get(key) is not None]
+    md += [*bullets, _METRIC_BULLET, _der_bullet(victim)]
+    if clean:
+        md.append(f"- clean reference: {', '.join('`' + c + '`' for c in clean)}.")
+    if sentence:
+        md.append(f"- bar ({_bar_terms(bar)}; CA drop = victim CA top-1 - row CA top-1) {bar_scope}")
+    md.append("")
+    return md
+
+
+def _write_report_files(out_dir: Path, md: list, rep: dict, rows: list, title: str):
+    _atomic_write(out_dir / "report.md", lambda p: p.write_text("\n".join(md), encoding="utf-8"))
+    _write_json(out_dir / "report.json", rep)
+    _atomic_write(out_dir / "report.png", lambda p: plot_report(rows, p, title=title))
+
+
 def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, clean=None, bar=None,
                  prov=None) -> dict:
     """Write out_dir/report.md, report.json and report.png; return the report.json content (its "table" key
@@ -905,18 +924,9 @@ def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, c
     vmetrics = results[victim] if isinstance(victim, str) else victim
     sentence = bar_sentence(rows, bar) if _bar_active(bar) else None
     footer = "\n".join(x for x in (total_minutes_line(rows), provenance_line(prov)) if x)
-    md = ["# Zero-shot evaluation", ""]
-    for key in ("dataset", "templates", "trigger", "target"):
-        if info.get(key) is not None:
-            md.append(f"- {key}: {info[key]}")
     clean_rows = [r["method"] for r in rows if r["role"] == "clean"]
-    md += [_METRIC_BULLET, _der_bullet(vname)]
-    if clean_rows:
-        md.append(f"- clean reference: {', '.join('`' + n + '`' for n in clean_rows)}.")
-    if sentence:
-        md.append(f"- bar ({_bar_terms(bar)}; CA drop = victim CA top-1 - row CA top-1) for every row but the "
-                  "victim and the clean reference.")
-    md.append("")
+    md = _report_head("# Zero-shot evaluation", info, [], vname, clean_rows, bar, sentence,
+                      "for every row but the victim and the clean reference.")
     table = _finish_md(md, rows, bar, footer, sentence)
     known = [r["minutes"] for r in rows if _is_number(r.get("minutes"))]
     rep = {**info, "victim": vname,
@@ -925,11 +935,9 @@ def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, c
            "clean": clean_rows, "der_unit": "percent, 100 * (dASR - dCA + 1) / 2", "rows": rows,
            "total_minutes": sum(known) if known else None, "bar": _bar_json(rows, bar, sentence),
            **(prov or {}), "results": results}
-    _atomic_write(out_dir / "report.md", lambda p: p.write_text("\n".join(md), encoding="utf-8"))
-    _write_json(out_dir / "report.json", rep)
     title = info.get("title") or ("Clean accuracy and ASR per method" + (
         f"\n{info['trigger']} -> {info['target']!r}" if info.get("trigger") else ""))
-    _atomic_write(out_dir / "report.png", lambda p: plot_report(rows, p, title=title))
+    _write_report_files(out_dir, md, rep, rows, title)
     return {**rep, "table": table}
 
 
@@ -1039,25 +1047,16 @@ def write_aggregate(out_dir, paths, bar=None, clean=None, prov=None) -> dict:
                   f"{' ± std' if spread else ''} over {t['n']} seed{'s' if t['n'] != 1 else ''}); "
                   f"all seeds together: {sum(t['per_seed']):.2f} min.")
     footer = "\n".join(x for x in (footer, provenance_line(prov)) if x)
-    md = [f"# Zero-shot evaluation: mean ± std over {n} seed{'s' if n != 1 else ''}", ""]
-    for key in ("dataset", "templates", "trigger", "target"):
-        if rep.get(key) is not None:
-            md.append(f"- {key}: {rep[key]}")
-    md += [f"- seeds: {n} (" + ", ".join(f"`{p}`" for p in rep["aggregate_of"]) + ")",
-           "- each cell: mean ± sample standard deviation (n - 1) over the seeds (just the mean for one seed); "
-           "(n=k) = only k seeds had the number.", _METRIC_BULLET, _der_bullet(rep["victim"])]
-    if rep["clean"]:
-        md.append(f"- clean reference: {', '.join('`' + c + '`' for c in rep['clean'])}.")
-    if sentence:
-        md.append(f"- bar ({_bar_terms(bar)}; CA drop = victim CA top-1 - row CA top-1) checked on the means; "
-                  "(k/n seeds) = seeds on which the row meets it alone.")
-    md.append("")
+    seeds = [f"- seeds: {n} (" + ", ".join(f"`{p}`" for p in rep["aggregate_of"]) + ")",
+             "- each cell: mean ± sample standard deviation (n - 1) over the seeds (just the mean for one seed); "
+             "(n=k) = only k seeds had the number."]
+    md = _report_head(f"# Zero-shot evaluation: mean ± std over {n} seed{'s' if n != 1 else ''}", rep, seeds,
+                      rep["victim"], rep["clean"], bar, sentence,
+                      "checked on the means; (k/n seeds) = seeds on which the row meets it alone.")
     table = _finish_md(md, rows, bar, footer, sentence)
-    _atomic_write(out_dir / "report.md", lambda p: p.write_text("\n".join(md), encoding="utf-8"))
-    _write_json(out_dir / "report.json", rep)
     title = f"Clean accuracy and ASR per method\nmean ± std over {n} seed{'s' if n != 1 else ''}" + (
         f", {rep['trigger']} -> {rep['target']!r}" if rep.get("trigger") and rep.get("target") else "")
-    _atomic_write(out_dir / "report.png", lambda p: plot_report(rows, p, title=title))
+    _write_report_files(out_dir, md, rep, rows, title)
     return {**rep, "table": table}
 
 

@@ -1036,6 +1036,19 @@ _HF_TOWERS = (("text_model.encoder.layers.", "transformer.resblocks."),
               ("vision_model.encoder.layers.", "visual.transformer.resblocks."))
 
 
+def _hf_block_keys(sd: dict, source: int):
+    """(transformers key, OpenAI-layout key) of every per-block weight but q/k/v, for the blocks that
+    sd holds; source: which side sd is in (0 transformers, 1 OpenAI)."""
+    for towers in _HF_TOWERS:
+        for i in range(_count_indexed(sd, towers[source])):
+            p, q = f"{towers[0]}{i}.", f"{towers[1]}{i}."
+            for name, ours in _HF_BLOCK.items():
+                for t in ("weight", "bias"):
+                    yield f"{p}{name}.{t}", f"{q}{ours}.{t}"
+            for t in ("weight", "bias"):
+                yield [f"{p}self_attn.{x}_proj.{t}" for x in "qkv"], f"{q}attn.in_proj_{t}"
+
+
 def _hf_to_openai_layout(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
@@ -1043,14 +1056,8 @@ def _hf_to_openai_layout(sd: dict) -> dict:
             out[_HF_TOP[k]] = v
         elif k in _HF_TRANSPOSED:
             out[_HF_TRANSPOSED[k]] = v.t().contiguous()
-    for hf, oa in _HF_TOWERS:
-        for i in range(_count_indexed(sd, hf)):
-            p, q = f"{hf}{i}.", f"{oa}{i}."
-            for name, ours in _HF_BLOCK.items():
-                for t in ("weight", "bias"):
-                    out[f"{q}{ours}.{t}"] = sd[f"{p}{name}.{t}"]
-            for t in ("weight", "bias"):
-                out[f"{q}attn.in_proj_{t}"] = torch.cat([sd[f"{p}self_attn.{x}_proj.{t}"] for x in "qkv"])
+    for hf, oa in _hf_block_keys(sd, 0):  # a list of three keys: q, k, v stacked into in_proj
+        out[oa] = torch.cat([sd[k] for k in hf]) if isinstance(hf, list) else sd[hf]
     return out
 
 
@@ -1058,15 +1065,11 @@ def _openai_layout_to_hf(sd: dict) -> dict:
     out = {hf: sd[oa] for hf, oa in _HF_TOP.items()}
     out["logit_scale"] = out["logit_scale"].reshape(())
     out.update({hf: sd[oa].t().contiguous() for hf, oa in _HF_TRANSPOSED.items()})
-    for hf, oa in _HF_TOWERS:
-        for i in range(_count_indexed(sd, oa)):
-            p, q = f"{hf}{i}.", f"{oa}{i}."
-            for name, ours in _HF_BLOCK.items():
-                for t in ("weight", "bias"):
-                    out[f"{p}{name}.{t}"] = sd[f"{q}{ours}.{t}"]
-            for t in ("weight", "bias"):
-                for x, part in zip("qkv", sd[f"{q}attn.in_proj_{t}"].chunk(3)):
-                    out[f"{p}self_attn.{x}_proj.{t}"] = part.contiguous()
+    for hf, oa in _hf_block_keys(sd, 1):
+        if isinstance(hf, list):
+            out.update({k: part.contiguous() for k, part in zip(hf, sd[oa].chunk(3))})
+        else:
+            out[hf] = sd[oa]
     return out
 
 

@@ -4,7 +4,6 @@ resumes bitwise with its pool."""
 
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import data_declip as dd
 import defend_roclip as rc
 import modeling_declip as md
 import train_declip as td
+from test_train import _SigtermAt
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not os.path.isdir(dd.fashion_mnist_dir()), reason="Fashion-MNIST not installed")]
@@ -96,15 +96,13 @@ def test_a_roclip_pass_trains_the_pool_term_once_the_pool_has_captions(tmp_path)
 
 
 class _CutAt(rc.RoCLIP):
+    """RoCLIP that sends SIGTERM before step `at` (0-based), as test_train's _SigtermAt."""
+
+    extend_batch = _SigtermAt.extend_batch
+
     def __init__(self, at):
         super().__init__(break_epoch=1, pool_size=16)
         self.at, self.calls = at, 0
-
-    def extend_batch(self, inputs, batch, generator):
-        if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.calls += 1
-        return inputs
 
 
 def test_roclip_resumes_bitwise_with_its_pool(tmp_path):
