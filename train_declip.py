@@ -1114,21 +1114,19 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
     share of the test set. --no-eval: neither runs and eval.json is not written. before: the victim's
     evaluation when the caller has it already (reused, not recomputed), or False to leave it out."""
     t0 = time.time()
+    args = copy.copy(args)  # the victim's flags are filled in here; the caller's namespace stays as it was
     weights, manifest = victim_paths(args.ckpt)
     user_format = {k: getattr(args, k) for k in VICTIM_FORMAT_FLAGS["data"]}  # for --clean-data
     taken = take_victim_flags(args, os.path.dirname(weights))
-    args.init_from = weights
     plan = pdata.PoisonPlan.load(manifest) if manifest else None
-    # a defense is never poisoned itself; the trigger/target (flags, else manifest) are for evaluation
-    saved = {k: getattr(args, k) for k in ("poison_rate", "poison_count", "no_eval", "data", "holdout")
-             + VICTIM_FORMAT_FLAGS["data"]}
+    # a defense is never poisoned itself; the trigger/target (flags, else manifest) are for evaluation;
+    # train() must not evaluate with a poison plan of its own (the evaluations are this function's)
     args.poison_rate = args.poison_count = None
     eval_args = copy.copy(args)  # the victim's data and holdout, also when the defense trains on --clean-data
+    train_args = dict(init_from=weights, no_eval=True)
     record, indices = {"victim": args.ckpt, "victim_manifest": manifest, "from_victim_config": taken}, None
     if args.clean_data:
-        args.data, args.holdout = args.clean_data, 0
-        for k, v in user_format.items():
-            setattr(args, k, v)
+        train_args.update(data=args.clean_data, holdout=0, **user_format)
     else:
         n_train = len(load_base(args, 32)) - args.holdout
         poisoned = plan.indices if plan is not None else []
@@ -1159,12 +1157,8 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
         if evaluator is not None and before is None:
             run["before"] = evaluate(weights, accelerator)
 
-    args.no_eval = True  # train() must not evaluate with a poison plan of its own
-    try:
-        summary = train(args, extension, train_indices=indices, record=record, before_loop=before_loop)
-    finally:
-        for k, v in saved.items():
-            setattr(args, k, v)
+    summary = train(argparse.Namespace(**{**vars(args), **train_args}), extension, train_indices=indices,
+                    record=record, before_loop=before_loop)
     acc = run["accelerator"]
     after = evaluate(os.path.join(args.out_dir, "model.safetensors"), acc) if evaluator is not None else None
     before = run["before"]

@@ -230,3 +230,14 @@ def test_two_processes_each_evaluate_their_share_and_agree_with_eval_zeroshot(vi
                     str(victim / "poison_manifest.json"), "--json", str(tmp_path / "m.json"), "--cpu"]) == 0
     m = json.load(open(tmp_path / "m.json"))
     assert m["clean"] == result["after"]["clean"] and m["backdoor"] == result["after"]["backdoor"]
+
+
+def test_run_defense_leaves_the_callers_flags_as_they_were(victim, tmp_path):
+    """The victim's weights, data and the defense's own no-poison/no-eval settings reach train() through
+    a namespace of run_defense's own, never through the caller's."""
+    args = td.parse_args(dft.build_parser(), defense_argv(victim, tmp_path / "ft", "--no-eval", "--precision", "no"))
+    given = dict(vars(args))
+    td.run_defense(args, dft.FineTune())
+    assert vars(args) == given
+    cfg = json.load(open(tmp_path / "ft" / "config.json"))
+    assert cfg["init_from"] == str(victim / "model.safetensors") and cfg["poison_rate"] is None and cfg["no_eval"]
