@@ -46,10 +46,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
-from data_declip import UserError, read_config
+from data_declip import UserError, build_class_dataset, read_config
 
 DEFAULT_TRAIN_DIR = "runs/train"  # default --out-dir of train_declip.py
 MODEL_FILE = "model.safetensors"
@@ -107,6 +109,13 @@ def get_templates(spec="80") -> list[str]:
 
 def _cfg(model, name, default):
     return getattr(getattr(model, "config", None), name, default)
+
+
+def _norm_stats(model):
+    """(mean, std) the model's images are normalised with (CLIP's for a model that does not say)."""
+    from modeling_declip import CLIP_MEAN, CLIP_STD
+
+    return _cfg(model, "image_mean", CLIP_MEAN), _cfg(model, "image_std", CLIP_STD)
 
 
 def _model_device(model):
@@ -363,6 +372,90 @@ def _image_features(model, images_uint8, device, image_size, mean, std, trigger,
     return F.normalize(z.float(), dim=-1)
 
 
+def _class_batches(model, dataset, trig, accelerator, device, bf16, batch_size, num_workers, crop_pct, progress,
+                   desc, reduce):
+    """This process's share of a class dataset: per batch its labels, reduce(normalised image features)
+    and, with a trigger, reduce(features of the triggered images); three lists (the last empty without one)."""
+    from tqdm.auto import tqdm
+
+    image_size = _cfg(model, "image_size", 224)
+    mean, std = _norm_stats(model)
+    loader = _shard_loader(dataset, accelerator, batch_size, num_workers, _collate_class)
+    labels, clean, triggered = [], [], []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if batch is None:
+            continue
+        imgs = batch["images"]
+        labels.append(batch["labels"].to(device))
+        clean.append(reduce(_image_features(model, imgs, device, image_size, mean, std, None, bf16, crop_pct)))
+        if trig is not None:
+            triggered.append(reduce(_image_features(model, imgs, device, image_size, mean, std,
+                                                    trig.for_batch(batch["index"]), bf16, crop_pct)))
+    return labels, clean, triggered
+
+
+def _backdoor_metrics(pred_trig, y, target_idx, classnames, trig) -> dict:
+    """ASR, asr_all and RA (percent) from the top-1 predictions of the triggered images and their labels."""
+    nontarget = y != target_idx
+    hit = pred_trig == target_idx
+    m = int(nontarget.sum())
+    return {"trigger": trig.name, "trigger_params": trig.params, "target": classnames[target_idx],
+            "asr": _pct((hit & nontarget).sum(), m), "asr_all": _pct(hit.sum(), len(y)),
+            "ra": _pct(((pred_trig == y) & nontarget).sum(), m), "n": len(y), "n_nontarget": m}
+
+
+@torch.no_grad()
+def linear_probe(model, train_set, test_set, classnames, trigger=None, trigger_params=None, target=None,
+                 accelerator=None, bf16=False, batch_size=256, num_workers=0, crop_pct=None, seed=0,
+                 max_train=10000, c=None, progress=True) -> dict:
+    """Backdoor persistence under a downstream head: a multinomial logistic regression (scikit-learn,
+    L-BFGS) on the frozen, normalised image features of up to `max_train` clean training images, its
+    inverse regularisation C given or chosen from 10^-2..10^3 on a held-out 20 % of them, then its clean
+    accuracy on the test set and its ASR / asr_all / RA on the triggered test images (the zero-shot
+    definitions). Every process returns the same dict."""
+    from sklearn.linear_model import LogisticRegression
+
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    device = accelerator.device if accelerator is not None else _model_device(model)
+    trig = make_trigger(trigger, trigger_params, seed)
+    target_idx = resolve_target(target, classnames) if trig is not None else None
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(train_set), generator=g)[:max_train].sort().values.tolist()
+    ident = lambda z: z  # noqa: E731
+
+    def gathered(dataset, t, desc):
+        y, z, zt = _class_batches(model, dataset, t, accelerator, device, bf16, batch_size, num_workers, crop_pct,
+                                  progress and _is_main(accelerator), desc, ident)
+        cat = lambda xs, d: _gather_rows(torch.cat(xs) if xs else torch.zeros(0, d, device=device), accelerator)
+        dim = model.config.embed_dim
+        return (cat(y, 0).reshape(-1).long().cpu().numpy(), cat(z, dim).cpu().numpy(),
+                cat(zt, dim).cpu().numpy() if t is not None else None)
+
+    with _EvalMode(model):
+        y_tr, z_tr, _ = gathered(torch.utils.data.Subset(train_set, pick), None, "probe features")
+        y_te, z_te, z_trig = gathered(test_set, trig, "probe test")
+    if len(set(y_tr.tolist())) < 2 or len(y_te) == 0:
+        raise UserError("--linear-probe needs labelled training images of at least two classes and test images.")
+    fit = lambda cc, x, y: LogisticRegression(C=cc, max_iter=1000).fit(x, y)  # noqa: E731
+    val_top1 = None
+    if c is None:  # the held-out part of the training features picks C; the test split never does
+        order = np.random.default_rng(seed).permutation(len(y_tr))
+        val, tr = order[:len(order) // 5], order[len(order) // 5:]
+        scores = {cc: fit(cc, z_tr[tr], y_tr[tr]).score(z_tr[val], y_tr[val]) for cc in 10.0 ** np.arange(-2, 4)}
+        c = max(scores, key=scores.get)
+        val_top1 = 100.0 * scores[c]
+    probe = fit(c, z_tr, y_tr)
+    y = torch.from_numpy(y_te)
+    out = {"n_train": len(y_tr), "C": float(c), "val_top1": val_top1,
+           "clean": {"top1": _pct((torch.from_numpy(probe.predict(z_te)) == y).sum(), len(y)), "n": len(y)},
+           "backdoor": None}
+    if trig is not None:
+        out["backdoor"] = _backdoor_metrics(torch.from_numpy(probe.predict(z_trig)), y, target_idx,
+                                            list(classnames), trig)
+    return out
+
+
 class _EvalMode:
     """model.eval() inside, the previous train/eval mode restored after (periodic eval during training)."""
 
@@ -411,9 +504,6 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
         if target is None:
             raise UserError("--target-class is needed with --trigger (or a run directory with poison_manifest.json).")
         target_idx = resolve_target(target, classnames)
-    image_size = _cfg(model, "image_size", 224)
-    mean, std = _cfg(model, "image_mean", (0.48145466, 0.4578275, 0.40821073)), _cfg(
-        model, "image_std", (0.26862954, 0.26130258, 0.27577711))
     n_templates = None
     with _EvalMode(model):
         if class_emb is None:
@@ -423,22 +513,9 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
                                          accelerator=accelerator, bf16=bf16)
         class_emb = class_emb.to(device).float()
         k = min(5, len(classnames))
-        loader = _shard_loader(dataset, accelerator, batch_size, num_workers, _collate_class)
-        labels, top_clean, top_trig = [], [], []
-        from tqdm.auto import tqdm
-
-        for batch in tqdm(loader, desc="zero-shot", disable=not (progress and _is_main(accelerator)),
-                          leave=False):
-            if batch is None:
-                continue
-            imgs = batch["images"]
-            labels.append(batch["labels"].to(device))
-            z = _image_features(model, imgs, device, image_size, mean, std, None, bf16, crop_pct)
-            top_clean.append((z @ class_emb.T).topk(k, dim=-1).indices)
-            if trig is not None:
-                z = _image_features(model, imgs, device, image_size, mean, std, trig.for_batch(batch["index"]),
-                                    bf16, crop_pct)
-                top_trig.append((z @ class_emb.T).topk(k, dim=-1).indices)
+        labels, top_clean, top_trig = _class_batches(
+            model, dataset, trig, accelerator, device, bf16, batch_size, num_workers, crop_pct,
+            progress and _is_main(accelerator), "zero-shot", lambda z: (z @ class_emb.T).topk(k, dim=-1).indices)
     empty = torch.empty(0, dtype=torch.long, device=device)
     y = _gather_rows(torch.cat(labels) if labels else empty, accelerator)
     pc = _gather_rows(torch.cat(top_clean) if top_clean else empty.view(0, k), accelerator)
@@ -453,22 +530,12 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
            "backdoor": None}
     if trig is not None:
         pt = _gather_rows(torch.cat(top_trig) if top_trig else empty.view(0, k), accelerator)
-        nontarget = y != target_idx
-        hit = pt[:, 0] == target_idx
-        m = int(nontarget.sum())
-        per_class = {}
-        for c, cname in enumerate(classnames):
-            sel = y == c
-            if c != target_idx and int(sel.sum()) > 0:
-                per_class[cname] = _pct((hit & sel).sum(), sel.sum())
-        out["backdoor"] = {
-            "trigger": trig.name, "trigger_params": trig.params, "target": classnames[target_idx],
-            "asr": _pct((hit & nontarget).sum(), m),
-            "asr_all": _pct(hit.sum(), n),
-            "ra": _pct(((pt[:, 0] == y) & nontarget).sum(), m),
-            "asr_top5": _pct(((pt == target_idx).any(1) & nontarget).sum(), m),
-            "n": n, "n_nontarget": m, "per_class_asr": per_class,
-        }
+        bd = _backdoor_metrics(pt[:, 0], y, target_idx, classnames, trig)
+        hit, nontarget = pt[:, 0] == target_idx, y != target_idx
+        bd["asr_top5"] = _pct(((pt == target_idx).any(1) & nontarget).sum(), bd["n_nontarget"])
+        bd["per_class_asr"] = {cname: _pct((hit & (y == c)).sum(), (y == c).sum()) for c, cname in enumerate(classnames)
+                               if c != target_idx and int((y == c).sum()) > 0}
+        out["backdoor"] = bd
     return out
 
 
@@ -510,8 +577,7 @@ def retrieval(model, caption_dataset, trigger=None, trigger_params=None, target=
     if trig is not None and target is None:
         raise UserError("--target-class is needed with --trigger for retrieval.")
     image_size = _cfg(model, "image_size", 224)
-    mean, std = _cfg(model, "image_mean", (0.48145466, 0.4578275, 0.40821073)), _cfg(
-        model, "image_std", (0.26862954, 0.26130258, 0.27577711))
+    mean, std = _norm_stats(model)
     context_length = _cfg(model, "context_length", 77)
     loader = _shard_loader(dataset, accelerator, batch_size, num_workers, _collate_caption, limit=max_items)
     zi, zt, zit, caps = [], [], [], []
@@ -616,8 +682,7 @@ def predict_examples(model, dataset, classnames, class_emb, indices, trigger=Non
     imgs = _center_crop_frac(torch.stack([it["image"] for it in items]).to(device), crop_pct)
     labels = [int(it["label"]) for it in items]
     size = _cfg(model, "image_size", 224)
-    mean, std = _cfg(model, "image_mean", (0.48145466, 0.4578275, 0.40821073)), _cfg(
-        model, "image_std", (0.26862954, 0.26130258, 0.27577711))
+    mean, std = _norm_stats(model)
     view = eval_transform(imgs, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), trigger=trig_fn)
     with _EvalMode(model):
         z = _image_features(model, imgs, device, size, mean, std, trig_fn, bf16)
@@ -1140,8 +1205,6 @@ def _load_model(path, device="cpu", activation=None):
 
 
 def _build_class_dataset(data, image_size, classnames, root=None):
-    from data_declip import build_class_dataset
-
     return build_class_dataset(data, split="test", image_size=image_size, classnames=classnames, root=root)
 
 
@@ -1249,6 +1312,15 @@ def build_parser():
     p.add_argument("--retrieval-split", default=None, help="split of --retrieval-data (fashion-mnist: test "
                    "gives held-out captioned images; default: the format's default, train for fashion-mnist)")
     p.add_argument("--retrieval-max", type=int, default=5000, help="use at most this many retrieval pairs")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="also fit a logistic-regression probe on frozen image features of clean training images and "
+                        "report its CA and ASR (does the backdoor survive a head trained on clean data?)")
+    p.add_argument("--probe-data", default=None,
+                   help="labelled training images of the probe (default: the training split of --data: "
+                        "Fashion-MNIST's, or an image folder's train/)")
+    p.add_argument("--probe-max", type=int, default=10000, help="fit the probe on at most this many images")
+    p.add_argument("--probe-c", type=float, default=None,
+                   help="the probe's inverse regularisation C (default: chosen on a held-out 20%% of its images)")
     p.add_argument("--json", default=None, help="write metrics JSON here (dict keyed by name for several ckpts)")
     p.add_argument("--report", default=None, help="directory for report.md, report.json and report.png")
     p.add_argument("--timings", default=None, metavar="FILE", help="JSON object of method name -> training "
@@ -1414,8 +1486,11 @@ def run(args) -> dict:
     for i in range(len(names)):  # unique display names
         if names[i] in names[:i]:
             names[i] = f"{names[i]}-{i}"
-    if args.batch_size < 1 or args.show_examples < 0 or args.retrieval_max < 1:
-        raise UserError("--batch-size and --retrieval-max must be positive and --show-examples >= 0.")
+    if args.batch_size < 1 or args.show_examples < 0 or args.retrieval_max < 1 or args.probe_max < 2:
+        raise UserError("--batch-size and --retrieval-max must be positive, --probe-max at least 2 and "
+                        "--show-examples >= 0.")
+    if args.probe_c is not None and args.probe_c <= 0:
+        raise UserError(f"--probe-c must be positive, got {args.probe_c}")
     resolved = [resolve_ckpt(c) for c in ckpts]
     templates = get_templates(args.templates)
     plans = _plan_backdoor(args, resolved, parse_trigger_params(args.trigger_param))
@@ -1468,6 +1543,16 @@ def run(args) -> dict:
                                        target=target, accelerator=accelerator, bf16=args.eval_bf16,
                                        batch_size=args.batch_size, num_workers=args.workers,
                                        max_items=args.retrieval_max, crop_pct=crop_pct, seed=args.seed)
+        if args.linear_probe:
+            if ("probe", load_size) not in datasets:
+                datasets["probe", load_size] = build_class_dataset(
+                    args.probe_data or args.data, split="train", image_size=load_size, classnames=classnames_arg,
+                    root=args.data_root if args.probe_data is None else None)
+            m["linear_probe"] = linear_probe(model, datasets["probe", load_size][0], dataset, classnames, trigger=trig,
+                                             trigger_params=params, target=target, accelerator=accelerator,
+                                             bf16=args.eval_bf16, batch_size=args.batch_size, num_workers=args.workers,
+                                             crop_pct=crop_pct, seed=args.seed, max_train=args.probe_max,
+                                             c=args.probe_c)
         if args.show_examples > 0 and main_proc:
             path = Path(args.report or ".") / f"examples_{name}.png"
             tidx = classnames.index(target) if target is not None else None
@@ -1483,6 +1568,10 @@ def run(args) -> dict:
         results[name] = m
         if main_proc:
             print(f"[eval] {name}: {summary_line(m)}", file=sys.stderr)
+            lp = m.get("linear_probe")
+            if lp:
+                print(f"[eval] {name}: linear probe (C {lp['C']:g}, {lp['n_train']} images) CA {lp['clean']['top1']:.2f}%"
+                      + (f", ASR {lp['backdoor']['asr']:.2f}%" if lp["backdoor"] else ""), file=sys.stderr)
         del model
     if main_proc:
         rows = report_rows(results, victim, minutes=minutes, clean=args.clean, bar=bar)

@@ -35,12 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from data_declip import CLIP_MEAN, CLIP_STD, EOT_ID, IMAGENET_MEAN, IMAGENET_STD, MASK_ID, SOT_ID
+
 # DeCLIP's vocabulary: OpenAI's 49,406 BPE ids, then <|mask|>, <|startoftext|>, <|endoftext|> (spec §1.3).
 VOCAB_SIZE = 49409
-MASK_ID, SOT_ID, EOT_ID = 49406, 49407, 49408
 OPENAI_SOT_ID, OPENAI_EOT_ID = 49406, 49407
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 FORMAT_TAG = "declip-bd/1"
 # MLP activation of the Transformers: QuickGELU (OpenAI, DeCLIP) or exact GELU (open_clip's default).
 ACTIVATIONS = ("quick_gelu", "gelu")

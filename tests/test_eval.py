@@ -11,9 +11,11 @@ import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -787,3 +789,55 @@ def test_aggregate_gives_mean_and_sample_std_and_writes_three_files(tmp_path, ca
     bad.write_text(json.dumps({"victim": "victim", "rows": [{"method": "victim", "ca_top1": 1.0}]}))
     assert ez.main(["--aggregate", a, str(bad), "--report", str(tmp_path / "x")]) == 2
     assert "--aggregate" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# linear probe
+
+
+def test_linear_probe_keeps_a_backdoor_that_lives_in_the_features_and_not_one_that_does_not():
+    train, test = intensity_dataset(per_class=12), intensity_dataset(per_class=5)
+    victim = with_table(OracleModel(target=2, vulnerable=range(10)))
+    clean = with_table(OracleModel(target=2))
+    kw = dict(trigger=corner_patch, target="class2", batch_size=16, progress=False)
+    v = ez.linear_probe(victim, train, test, CLASSES, **kw)
+    c = ez.linear_probe(clean, train, test, CLASSES, **kw)
+    assert v["clean"]["top1"] == 100.0 and c["clean"]["top1"] == 100.0 and v["n_train"] == 120
+    assert v["backdoor"]["asr"] == 100.0 and v["backdoor"]["ra"] == 0.0 and v["backdoor"]["n_nontarget"] == 45
+    assert c["backdoor"]["asr"] == 0.0 and c["backdoor"]["ra"] == 100.0
+    assert v["C"] in 10.0 ** np.arange(-2, 4) and v["val_top1"] == 100.0
+
+
+def test_linear_probe_equals_scikit_learn_on_the_normalised_features():
+    from sklearn.linear_model import LogisticRegression
+
+    from data_declip import eval_transform
+
+    model = RandomImageModel()
+    train, test = random_dataset(200, n_classes=4, seed=1), random_dataset(60, n_classes=4, seed=2)
+    got = ez.linear_probe(model, train, test, CLASSES[:4], c=0.5, max_train=150, progress=False)
+
+    def feats(ds, idx):
+        x = eval_transform(torch.stack([ds[i]["image"] for i in idx]), 16, MEAN, STD)
+        return F.normalize(model.encode_image(x), dim=-1).detach().numpy(), np.array([ds[i]["label"] for i in idx])
+
+    pick = torch.randperm(200, generator=torch.Generator().manual_seed(0))[:150].sort().values.tolist()
+    x_tr, y_tr = feats(train, pick)
+    x_te, y_te = feats(test, range(60))
+    ref = LogisticRegression(C=0.5, max_iter=1000).fit(x_tr, y_tr)
+    assert got["n_train"] == 150 and got["C"] == 0.5 and got["val_top1"] is None and got["backdoor"] is None
+    assert got["clean"]["top1"] == pytest.approx(100.0 * (ref.predict(x_te) == y_te).mean())
+
+
+def test_cli_linear_probe_writes_its_metrics_per_checkpoint(fake_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(ez, "build_class_dataset", lambda data, split, image_size, classnames, root=None:
+                        (intensity_dataset(per_class=8), list(CLASSES)))
+    dirs = fake_cli
+    assert ez.main(["--ckpt", str(dirs["victim"]), str(dirs["cleanclip"]), "--templates", "1", "--linear-probe",
+                    "--json", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["victim"]["linear_probe"]["backdoor"]["asr"] == 100.0
+    # cleanclip's stub misreads clean classes 6-8, so a few triggered images land on a class the probe
+    # never saw at that place; its backdoor is gone all the same
+    assert m["cleanclip"]["linear_probe"]["backdoor"]["asr"] < 20
+    assert m["victim"]["linear_probe"]["n_train"] == 80
