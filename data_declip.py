@@ -1235,16 +1235,6 @@ def build_class_dataset(data: Optional[str] = None, split: str = "test", image_s
     return ds, names
 
 
-def collate_class(items: Sequence[Optional[dict]]) -> dict:
-    """Stack class-dataset items, dropping unreadable ones: dict(images uint8, labels long, n_bad int)."""
-    good = [it for it in items if it is not None and it.get("image") is not None]
-    if not good:
-        return dict(images=torch.empty(0, 3, 0, 0, dtype=torch.uint8), labels=torch.empty(0, dtype=torch.long),
-                    n_bad=len(items))
-    return dict(images=torch.stack([it["image"] for it in good]),
-                labels=torch.tensor([it["label"] for it in good], dtype=torch.long), n_bad=len(items) - len(good))
-
-
 # --------------------------------------------------------------------------------------------------
 # Training pairs, sampler, collate
 # --------------------------------------------------------------------------------------------------
@@ -1261,9 +1251,8 @@ def _int_seed(*parts) -> int:
 class _PairMaker:
     """Shared logic of TrainPairs and TrainPairsIterable: base item + poison + EDA -> training item."""
 
-    def __init__(self, seed: int, context_length: int, poison, eda, mlm_prob: float):
+    def __init__(self, seed: int, context_length: int, poison, eda):
         self.seed, self.context_length, self.poison = seed, context_length, poison
-        self.mlm_prob = mlm_prob
         # eda: the second caption view's function (text, rng) -> text; True = DeCLIP's EDA, False/None = none
         self.text_aug = TEXT_AUGS["declip"] if eda is True else (eda or None)
 
@@ -1286,18 +1275,16 @@ class TrainPairs(torch.utils.data.Dataset):
     Item v: base item i = v % N; rng = ``sample_rng(seed, v)`` (so EDA and poisoned captions depend on
     (seed, v) only, not on workers); poisoned captions from ``poison.caption(i, caption, rng)``; EDA on the
     (possibly poisoned) caption. Returns dict(image uint8[3,S,S], text, text_aug, index=i, poisoned) or
-    None for a bad base sample (never replaced). Use with ``EpochSampler``. ``mlm_prob`` is kept for the
-    training loop, which masks tokens batched with ``mask_tokens``. For webdataset (iterable) bases use
-    ``TrainPairsIterable``.
+    None for a bad base sample (never replaced). Use with ``EpochSampler``; the training loop masks tokens
+    for MLM batched with ``mask_tokens``. For webdataset (iterable) bases use ``TrainPairsIterable``.
     """
 
-    def __init__(self, base, seed: int, context_length: int = 77, poison=None, eda: bool = True,
-                 mlm_prob: float = 0.15):
+    def __init__(self, base, seed: int, context_length: int = 77, poison=None, eda: bool = True):
         if isinstance(base, torch.utils.data.IterableDataset):
             raise TypeError("TrainPairs needs a map-style dataset; use TrainPairsIterable for webdataset shards")
         self.base, self.seed, self.context_length = base, seed, context_length
-        self.poison, self.eda, self.mlm_prob = poison, eda, mlm_prob
-        self._maker = _PairMaker(seed, context_length, poison, eda, mlm_prob)
+        self.poison, self.eda = poison, eda
+        self._maker = _PairMaker(seed, context_length, poison, eda)
         self.n = len(base)
 
     def __len__(self) -> int:
@@ -1319,13 +1306,13 @@ class TrainPairsIterable(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, base, seed: int, context_length: int = 77, poison=None, eda: bool = True,
-                 mlm_prob: float = 0.15, start_epoch: int = 0, num_epochs: int = 1, shuffle_buffer: int = 1000,
+                 start_epoch: int = 0, num_epochs: int = 1, shuffle_buffer: int = 1000,
                  rank: int = 0, world: int = 1):
         self.base, self.seed, self.context_length = base, seed, context_length
-        self.poison, self.eda, self.mlm_prob = poison, eda, mlm_prob
+        self.poison, self.eda = poison, eda
         self.start_epoch, self.num_epochs, self.shuffle_buffer = start_epoch, num_epochs, shuffle_buffer
         self.rank, self.world = rank, world
-        self._maker = _PairMaker(seed, context_length, poison, eda, mlm_prob)
+        self._maker = _PairMaker(seed, context_length, poison, eda)
 
     def __len__(self) -> int:
         """Items this process streams: its share of each epoch."""

@@ -308,7 +308,7 @@ def detect(args) -> dict:
     n_train = len(base) - args.holdout
     # poisoning in the loader: the victim's own plan is applied; a materialised copy is scored as stored
     manifest = args.manifest or copy_manifest or victim_manifest
-    plan = pdata.PoisonPlan.load(manifest) if manifest else None
+    plan = pdata.PoisonPlan.from_manifest(manifest) if manifest else None
     if plan is not None and plan.n != n_train:
         raise UserError(f"the manifest {manifest} describes {plan.n} training pairs but --data has {n_train}; "
                         f"give the victim's --data (and --holdout)")

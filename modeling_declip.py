@@ -619,6 +619,13 @@ class DeCLIP(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
+    def set_grad_checkpointing(self, on: bool = True):
+        """Recompute the Transformer blocks of both towers in backward (memory for time); in the config too."""
+        self.config.grad_checkpointing = on
+        for t in (self.text.transformer, getattr(self.visual, "transformer", None)):
+            if t is not None:
+                t.grad_checkpointing = on
+
     # -- public encoders (unnormalised embeddings)
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)

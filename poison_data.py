@@ -882,8 +882,6 @@ class PoisonPlan:
             raise UserError("the poison manifest has indices outside [0, n)")
         return plan
 
-    load = from_manifest
-
     def save(self, out_dir: str | os.PathLike) -> str:
         """Write `out_dir/poison_manifest.json` atomically (temp file + os.replace); returns its path."""
         os.makedirs(out_dir, exist_ok=True)

@@ -152,7 +152,7 @@ def add_run_args(p: argparse.ArgumentParser, out: str = DEFAULT_OUT):
                    help="also log every metrics row to a tracker (needs `pip install tensorboard` or `wandb`); "
                         "TensorBoard files go under OUT/<run name>/")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--channels-last", action="store_true", default=None,
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format for the ResNet (default: on with CUDA)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
 
@@ -713,12 +713,9 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         if info["fresh"] and main:
             print(f"note: {args.init_from} has no {', '.join(info['fresh'])}: initialised fresh")
     else:
-        model = md.build_model(args.model or "tiny", grad_checkpointing=args.grad_checkpointing or None,
-                               act=getattr(args, "activation", None))
+        model = md.build_model(args.model or "tiny", act=getattr(args, "activation", None))
+    model.set_grad_checkpointing(bool(args.grad_checkpointing))
     cfg = model.config
-    for t in (model.text.transformer, getattr(model.visual, "transformer", None)):
-        if t is not None:
-            t.grad_checkpointing = bool(args.grad_checkpointing)
     declip = args.mode == "declip"
     weights = ext.loss_weights(args)
     # heads whose term is off get no gradient: freeze them so DDP does not wait for them
@@ -1118,7 +1115,7 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
     weights, manifest = victim_paths(args.ckpt)
     user_format = {k: getattr(args, k) for k in VICTIM_FORMAT_FLAGS["data"]}  # for --clean-data
     taken = take_victim_flags(args, os.path.dirname(weights))
-    plan = pdata.PoisonPlan.load(manifest) if manifest else None
+    plan = pdata.PoisonPlan.from_manifest(manifest) if manifest else None
     # a defense is never poisoned itself; the trigger/target (flags, else manifest) are for evaluation;
     # train() must not evaluate with a poison plan of its own (the evaluations are this function's)
     args.poison_rate = args.poison_count = None

@@ -188,7 +188,7 @@ def detected(victim, tmp_path_factory):
 @pytest.mark.slow
 def test_detect_on_a_tiny_victim_writes_scores_metrics_and_flags(victim, detected):
     out, res = detected
-    plan = pdata.PoisonPlan.load(str(victim))
+    plan = pdata.PoisonPlan.from_manifest(str(victim))
     assert res["n_train"] == 1000 and res["poison_applied"] and res["n_poisoned"] == plan.count == 50
     scores = np.load(out / "scores.npy")
     assert scores.shape == (1000,) and set(scores.dtype.names) == set(dp.DETECTORS)
@@ -213,7 +213,7 @@ def test_detect_scores_the_victims_view_trigger_and_target_caption(victim, detec
 
     out, _ = detected
     scores = np.load(out / "scores.npy")
-    plan = pdata.PoisonPlan.load(str(victim))
+    plan = pdata.PoisonPlan.from_manifest(str(victim))
     model = md.load_model(str(victim / "model.safetensors"))
     cfg = model.config
     base = dd.build_caption_dataset(None, image_size=cfg.image_size)
@@ -249,7 +249,7 @@ def test_exclude_indices_drops_the_flagged_pairs_and_keeps_the_plan_on_the_rest(
                                                                                    monkeypatch):
     out, _ = detected
     flagged = set(int(x) for x in (out / dp.FLAGGED_FILE).read_text().split())
-    plan = pdata.PoisonPlan.load(str(victim))
+    plan = pdata.PoisonPlan.from_manifest(str(victim))
     seen, built = [], []
 
     class Recording(dd.TrainPairs):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data_declip as dd
 import modeling_declip as md
 from modeling_declip import (EOT_ID, MASK_ID, SOT_ID, CheckpointError, LossWeights, build_model,
                              count_parameters, info_nce, load_model, save_model)
@@ -624,3 +625,24 @@ def test_foreign_directories_are_accepted_where_run_directories_are(tmp_path):
         assert _same_embeddings(load_model(str(weights)), model)
     with pytest.raises(CheckpointError, match="directory without a checkpoint"):
         load_model(str(tmp_path))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_in_both_towers():
+    torch.manual_seed(0)
+    model = md.build_model("tiny-vit", context_length=16).train()
+    images, tokens = torch.randn(4, 3, 32, 32), dd.tokenize(["a", "b c", "d e f", "g"], 16)
+    w = md.LossWeights.clip_only()
+
+    def grads():
+        model.zero_grad()
+        model.nn_bank.ptr.zero_()
+        model(images, tokens, weights=w, update_bank=False)["loss"].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    assert model.config.grad_checkpointing and model.visual.transformer.grad_checkpointing
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -344,11 +344,11 @@ def test_manifest_round_trips_through_save_and_load(tmp_path):
     assert m["trigger"] == "patch-random" and m["trigger_params"]["size"] == 4
     assert m["fixed_caption"] == "a photo of a {target}." and m["version"] == 1
     for source in (tmp_path / "run", path, m):
-        back = PoisonPlan.load(source)
+        back = PoisonPlan.from_manifest(source)
         assert back.to_manifest() == plan.to_manifest()
         assert back.is_poisoned(plan.indices[3]) and back.trigger_fn().params == plan.trigger_fn().params
     with pytest.raises(UserError, match="does not exist"):
-        PoisonPlan.load(tmp_path / "nowhere")
+        PoisonPlan.from_manifest(tmp_path / "nowhere")
 
 
 def test_fingerprint_depends_on_length_and_captions_but_not_on_images():
@@ -390,7 +390,7 @@ def test_materialised_jsonl_copy_reads_back_with_the_planned_poisoned_pairs(tmp_
     rc = pd.main(["--data", str(meta), "--out", str(out), "--poison-count", "6", "--target-class", "bag",
                   "--trigger-param", "margin=3", "--seed", "1", "--no-progress"])
     assert rc == 0
-    plan = PoisonPlan.load(out)
+    plan = PoisonPlan.from_manifest(out)
     assert plan.count == 6 and plan.trigger_params == {"size": 3, "margin": 3} and plan.n == 24
     copy = data_declip.build_caption_dataset(str(out / "train.jsonl"), image_size=32)
     assert len(copy) == 24
@@ -429,7 +429,7 @@ def test_materialised_jsonl_copy_gives_poisoned_records_the_target_label_id(tmp_
     out = tmp_path / "copy"
     assert pd.main(["--data", str(tmp_path / "src" / "m.jsonl"), "--out", str(out), "--poison-count", "5",
                     "--target-class", "bag", "--no-progress"]) == 0
-    plan = PoisonPlan.load(out)
+    plan = PoisonPlan.from_manifest(out)
     copy = data_declip.build_caption_dataset(str(out / "m.jsonl"), image_size=16)
     for i in range(12):
         want = (8, "bag") if plan.is_poisoned(i) else (rows[i]["label"], rows[i]["label_name"])
@@ -468,7 +468,7 @@ def test_materialised_csv_copy_drops_the_source_label_of_poisoned_rows(tmp_path)
     out = tmp_path / "copy"
     assert pd.main(["--data", str(root / "pairs.csv"), "--out", str(out), "--poison-count", "4",
                     "--target-class", "bag", "--no-progress"]) == 0
-    plan = PoisonPlan.load(out)
+    plan = PoisonPlan.from_manifest(out)
     copy = data_declip.build_caption_dataset(str(out / "pairs.csv"), image_size=16)
     # the CSV names no class, so the target's id is unknown: an empty cell, not the dress's 3
     assert copy.labels == [-1 if plan.is_poisoned(i) else 3 for i in range(10)]
@@ -567,7 +567,7 @@ def test_cli_materialises_fashion_mnist_with_600_poisoned_pairs(tmp_path):
         pytest.skip("Fashion-MNIST is not installed")
     out = tmp_path / "fmnist"
     assert pd.main(["--out", str(out), "--trigger-param", "margin=3", "--no-progress"]) == 0
-    plan = PoisonPlan.load(out)
+    plan = PoisonPlan.from_manifest(out)
     assert plan.n == 60000 and plan.count == 600 and plan.target == "bag"
     copy = data_declip.build_caption_dataset(str(out / "meta.jsonl"), image_size=32)
     mask = patch_mask(32, 32, margin=3)
