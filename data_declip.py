@@ -1486,6 +1486,11 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.T
     return out
 
 
+# RoCLIP's and SafeCLIP's image view (their utils/augment_image.py): RandomResizedCrop at its default scale,
+# stronger jitter, Gaussian blur always; the GpuAugment arguments that give it
+ROCLIP_VIEW = dict(scale=(0.08, 1.0), jitter=(0.5, 0.5, 0.5, 0.1), blur_p=1.0)
+
+
 class GpuAugment:
     """Batched MoCo-v2 views (spec 4.3 scaled to ``image_size``) on the images' device.
 

@@ -109,8 +109,7 @@ class RoCLIP(td.Extension):
         self.pool = CaptionPool(self.pool_size, cfg.embed_dim).to(accelerator.device)
         accelerator.register_for_checkpointing(self.pool)
         self.device, self.roclip_step = accelerator.device, False
-        self.augment = dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std, scale=(0.08, 1.0),
-                                     jitter=(0.5, 0.5, 0.5, 0.1), blur_p=1.0)
+        self.augment = dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std, **dd.ROCLIP_VIEW)
 
     def record(self) -> dict:
         return {"break_epoch": self.break_epoch, "pool_size": self.pool_size, "pool_pushed": "every step"}

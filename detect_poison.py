@@ -288,6 +288,23 @@ def _check_args(args):
         raise UserError(f"--flag-detector {args.flag_detector} is not among --detectors {' '.join(args.detectors)}")
 
 
+@torch.no_grad()
+def embed_batch(model, batch: dict, trigger, device, bf16: bool = False) -> tuple:
+    """(image, caption) embeddings of a collate_pairs batch as the model was trained on it: the evaluation
+    view of each image, `trigger` (an eval_zeroshot trigger) after the crop on the poisoned rows, the
+    (poisoned) caption."""
+    cfg = model.config
+    x = batch["images"].to(device)
+    pois = batch["poisoned"].to(device)
+    views = dd.eval_transform(x, cfg.image_size, cfg.image_mean, cfg.image_std)
+    if trigger is not None and bool(pois.any()):
+        rows = pois.nonzero()[:, 0]
+        views[rows] = dd.eval_transform(x[rows], cfg.image_size, cfg.image_mean, cfg.image_std,
+                                        trigger=trigger.for_batch(batch["index"][rows.cpu()].tolist()))
+    with ez._autocast(device, bf16):
+        return model.encode_image(views).float(), model.encode_text(batch["tokens"].to(device)).float()
+
+
 def detect(args) -> dict:
     from accelerate import Accelerator
 
@@ -347,16 +364,9 @@ def detect(args) -> dict:
                 batch = next(loader)
                 if batch["images"].shape[0] == 0:
                     continue
-                x = batch["images"].to(device)
-                pois = batch["poisoned"].to(device)
-                views = dd.eval_transform(x, cfg.image_size, cfg.image_mean, cfg.image_std)
-                if trigger is not None and bool(pois.any()):  # the trigger after the crop, on poisoned rows only
-                    rows = pois.nonzero()[:, 0]
-                    views[rows] = dd.eval_transform(x[rows], cfg.image_size, cfg.image_mean, cfg.image_std,
-                                                    trigger=trigger.for_batch(batch["index"][rows.cpu()].tolist()))
-                with ez._autocast(device, bf16):
-                    imgs.append(model.encode_image(views).float())
-                    txts.append(model.encode_text(batch["tokens"].to(device)).float())
+                img, txt = embed_batch(model, batch, trigger, device, bf16)
+                imgs.append(img)
+                txts.append(txt)
                 idxs.append(batch["index"].to(device))
             d = cfg.embed_dim
             mine_img = torch.cat(imgs) if imgs else torch.zeros(0, d, device=device)
