@@ -83,3 +83,47 @@ $(D)/adaptive/model.safetensors: $(D)/ft/model.safetensors
 $(D)/report.json: $(foreach m,clean victim ft cleanclip nad adaptive,$(D)/$(m)/model.safetensors)
 	$(ACCEL) eval_zeroshot.py --ckpt $(foreach m,clean victim ft cleanclip nad adaptive,$(D)/$(m)) \
 	  --names clean victim ft cleanclip nad adaptive --report $(D) --show-examples 16 $(BAR)
+
+# ------------------------------------------------------------------------------------------------
+# The data-side defenses on the demo's own clean model, victim and poisoned data (README: "Defend the
+# data"): detect then retrain without the flagged pairs, RoCLIP and SafeCLIP (each the victim's command
+# with its own objective), PAR on the clean subset; one report beside the demo's, same bar.
+# `make demo-data-defenses SEEDS="0 1 2"` repeats it per seed and reports mean ± std.
+DATA_DEFENSES := detect-clean roclip safeclip par
+VICTIM_CMD := --config configs/tiny_victim.yaml --init-from $(D)/clean/model.safetensors --poison-rate 0.01 $(ATTACK) \
+  --seed $(SEED) --overwrite
+
+.PHONY: demo-data-defenses demo-data-defenses-seed
+demo-data-defenses: setup
+	@start=$$(date +%s); for s in $(SEEDS); do $(MAKE) --no-print-directory demo-data-defenses-seed SEED=$$s || exit 1; done; \
+	if [ "$(words $(SEEDS))" -gt 1 ]; then \
+	  $(PY) eval_zeroshot.py --aggregate $(foreach s,$(SEEDS),$(DEMO)/seed$(s)/data-defenses/report.json) \
+	    --report $(DEMO)/data-defenses $(BAR); \
+	else \
+	  mkdir -p $(DEMO)/data-defenses && cp $(DEMO)/seed$(SEEDS)/data-defenses/report.* $(DEMO)/data-defenses/; \
+	  cat $(DEMO)/data-defenses/report.md; \
+	fi; \
+	echo "data-side defenses finished in $$(( ($$(date +%s) - start) / 60 )) min -> $(DEMO)/data-defenses/report.md"
+
+demo-data-defenses-seed: $(D)/data-defenses/report.json
+
+$(D)/detect/flagged.txt: $(D)/victim/model.safetensors
+	$(ACCEL) detect_poison.py --ckpt $(D)/victim --out-dir $(D)/detect
+
+$(D)/detect-clean/model.safetensors: $(D)/detect/flagged.txt
+	$(ACCEL) train_declip.py $(VICTIM_CMD) --exclude-indices $(D)/detect/flagged.txt --out-dir $(D)/detect-clean
+
+$(D)/roclip/model.safetensors: $(D)/clean/model.safetensors
+	$(ACCEL) defend_roclip.py $(VICTIM_CMD) --out-dir $(D)/roclip
+
+# SafeCLIP's passes: 1 in-modal and 1 CLIP warm-up pass (officially 5 and 1), then 2 filtering passes
+$(D)/safeclip/model.safetensors: $(D)/clean/model.safetensors
+	$(ACCEL) defend_safeclip.py $(VICTIM_CMD) --epochs 4 --inmodal-warmup 1 --multimodal-warmup 1 --out-dir $(D)/safeclip
+
+$(D)/par/model.safetensors: $(D)/victim/model.safetensors
+	$(ACCEL) defend_finetune.py --method par --config configs/tiny_defense.yaml --ckpt $(D)/victim --seed $(SEED) \
+	  --out-dir $(D)/par --overwrite
+
+$(D)/data-defenses/report.json: $(foreach m,clean victim $(DATA_DEFENSES),$(D)/$(m)/model.safetensors)
+	$(ACCEL) eval_zeroshot.py --ckpt $(foreach m,clean victim $(DATA_DEFENSES),$(D)/$(m)) \
+	  --names clean victim $(DATA_DEFENSES) --report $(D)/data-defenses $(BAR)
