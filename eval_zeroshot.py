@@ -539,16 +539,6 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
     return out
 
 
-def _name_regex(name):
-    # whole word, optional plural; "shirt" does not match "t-shirt" or "shirtless"
-    return re.compile(r"(?<![\w-])" + re.escape(name.strip().lower()) + r"(?:s|es)?(?![\w-])")
-
-
-def mentions(caption: str, name: str) -> bool:
-    """Whether `caption` names `name` (case-insensitive whole word(s), plural allowed)."""
-    return bool(_name_regex(name).search(caption.lower()))
-
-
 def _recall_grouped(sims, row_group, col_group, ks):
     """Percent of rows whose top-k columns contain a column of the row's group, for each k."""
     kmax = min(max(ks), sims.shape[1])
@@ -616,13 +606,15 @@ def retrieval(model, caption_dataset, trigger=None, trigger_params=None, target=
     if trig is not None:
         zit = _gather_rows(cat(zit), accelerator)
         name = str(target)
-        names_target = torch.tensor([mentions(c, name) for c in caps], device=device)
+        from poison_data import names_target
+
+        named = torch.tensor([names_target(c, name) for c in caps], device=device)
         top1 = (zit @ zt.T).argmax(dim=1)
-        hit = names_target[top1]
-        keep = ~names_target
+        hit = named[top1]
+        keep = ~named
         out["backdoor"] = {"trigger": trig.name, "target": name, "asr": _pct((hit & keep).sum(), keep.sum()),
                            "asr_all": _pct(hit.sum(), n), "n": n, "n_nontarget": int(keep.sum()),
-                           "n_target_captions": int(names_target.sum())}
+                           "n_target_captions": int(named.sum())}
     return out
 
 

@@ -634,13 +634,15 @@ def parse_trigger_params(items: Iterable[str] | None) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 def _caption_regex(target: str) -> re.Pattern:
-    # whole word, case-insensitive; a hyphen joins words, so "shirt" does not match "t-shirt" while the
-    # target "t-shirt" does (lookarounds instead of \b, which would split at the hyphen)
-    return re.compile(r"(?<![\w-])" + re.escape(target.strip()) + r"(?![\w-])", re.IGNORECASE)
+    # whole word, case-insensitive, plural allowed; a hyphen joins words, so "shirt" does not match
+    # "t-shirt" or "shirtless" while the target "t-shirt" does (lookarounds instead of \b, which would
+    # split at the hyphen)
+    return re.compile(r"(?<![\w-])" + re.escape(target.strip()) + r"(?:s|es)?(?![\w-])", re.IGNORECASE)
 
 
 def names_target(caption: str | None, target: str) -> bool:
-    """Whether `caption` names `target` as a whole word (case-insensitive)."""
+    """Whether `caption` names `target` (whole word(s), case-insensitive, plural allowed): the one rule of
+    label-consistent poisoning and of retrieval ASR."""
     return bool(caption) and _caption_regex(target).search(caption) is not None
 
 

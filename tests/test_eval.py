@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import eval_zeroshot as ez  # noqa: E402
+import poison_data as pdata  # noqa: E402
 from data_declip import tokenize  # noqa: E402
 
 CLASSES = [f"class{k}" for k in range(10)]
@@ -349,11 +350,11 @@ def test_retrieval_recall_and_asr():
 
 
 def test_caption_target_match_is_whole_word():
-    assert ez.mentions("A photo of two Bags.", "bag")
-    assert ez.mentions("ankle boots on a shelf", "ankle boot")
-    assert not ez.mentions("a t-shirt", "shirt")
-    assert not ez.mentions("a shirtless man", "shirt")
-    assert ez.mentions("a plain shirt.", "shirt")
+    assert pdata.names_target("A photo of two Bags.", "bag")
+    assert pdata.names_target("ankle boots on a shelf", "ankle boot")
+    assert not pdata.names_target("a t-shirt", "shirt")
+    assert not pdata.names_target("a shirtless man", "shirt")
+    assert pdata.names_target("a plain shirt.", "shirt")
 
 
 # ---------------------------------------------------------------------------------------------------------

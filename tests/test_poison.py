@@ -314,17 +314,19 @@ def test_label_consistent_poisons_only_pairs_whose_caption_names_the_target():
                 "a t-shirt", "BAG"] * 10
     plan = PoisonPlan.from_args(len(captions), count=25, target="bag", caption_mode="label-consistent",
                                 captions=captions, seed=0)
-    matching = {i for i, c in enumerate(captions) if c in ("a red bag", "a Bag on a table", "my bag.", "BAG")}
-    assert plan.count == 25 and plan.candidates == 40
+    # whole words, any case, plural allowed ("bags galore"); not "handbag"
+    matching = {i for i, c in enumerate(captions) if c in ("a red bag", "a Bag on a table", "bags galore", "my bag.", "BAG")}
+    assert plan.count == 25 and plan.candidates == 50
     assert set(plan.indices) <= matching
     assert all(plan.caption(i, captions[i], random.Random(0)) == captions[i] for i in plan.indices)
     tshirt = PoisonPlan.from_args(len(captions), count=10, target="t-shirt", caption_mode="label-consistent",
                                   captions=captions)
     assert {captions[i] for i in tshirt.indices} == {"a t-shirt"}
     assert pd.names_target("a t-shirt", "t-shirt") and not pd.names_target("a t-shirt", "shirt")
-    assert pd.names_target("Shirt, ironed.", "shirt") and not pd.names_target("shirts", "shirt")
-    with pytest.raises(UserError, match="only 40 captions name 'bag'"):
-        PoisonPlan.from_args(len(captions), count=41, target="bag", caption_mode="label-consistent",
+    assert pd.names_target("Shirt, ironed.", "shirt") and pd.names_target("two shirts", "shirt")  # plural: one rule
+    assert not pd.names_target("a shirtless man", "shirt")
+    with pytest.raises(UserError, match="only 50 captions name 'bag'"):
+        PoisonPlan.from_args(len(captions), count=51, target="bag", caption_mode="label-consistent",
                              captions=captions)
 
 
