@@ -59,6 +59,29 @@ WORDNET_DIR = "/usr/share/wordnet"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def atomic_write(path, write: Callable) -> None:
+    """Write a file all at once or not at all: write(tmp) fills a temporary file (a pathlib.Path, unique to
+    the caller, ending in path's name) beside path, which then replaces path; a failure leaves path as it
+    was. The file gets the mode open() would give it (0666 less the umask)."""
+    import tempfile
+    from pathlib import Path
+
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 class UserError(Exception):
     """A mistake in the user's input (flag, file, column); scripts print it as `error: ...` and exit 2."""
 

@@ -42,7 +42,6 @@ import torch
 import data_declip as dd
 import defend_nad as nad
 import modeling_declip as md
-import poison_data as pdata
 import train_declip as td
 from data_declip import UserError
 
@@ -284,9 +283,7 @@ class AdaptiveExtension(nad.NADExtension):
                 return saved["images"], saved["sizes"]
         images, sizes = self.build_cache(accelerator, args, dataset)
         if accelerator.is_main_process:
-            tmp = path + ".tmp"
-            torch.save({"images": images, "sizes": sizes, "meta": meta}, tmp)
-            os.replace(tmp, path)
+            dd.atomic_write(path, lambda p: torch.save({"images": images, "sizes": sizes, "meta": meta}, p))
         accelerator.wait_for_everyone()
         return images, sizes
 

@@ -223,11 +223,8 @@ def run(args) -> dict:
 
 
 def _write_indices(path: str, indices: np.ndarray):
-    """Every process writes the same list through its own temporary file: readers never see half of it."""
-    tmp = f"{path}.{os.environ.get('RANK', '0')}.tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(map(str, indices.tolist())) + "\n")
-    os.replace(tmp, path)
+    """Every process writes the same list, each through a temporary file of its own: no reader sees half."""
+    dd.atomic_write(path, lambda p: p.write_text("\n".join(map(str, indices.tolist())) + "\n"))
 
 
 def _device(args):

@@ -419,8 +419,8 @@ def detect(args) -> dict:
     rec = np.zeros(n_train, dtype=[(name, np.float32) for name in args.detectors])
     for j, name in enumerate(args.detectors):
         rec[name] = table[:, j]
-    ez._atomic_write(os.path.join(out, "scores.npy"), lambda p: _save_npy(p, rec))
-    ez._atomic_write(os.path.join(out, FLAGGED_FILE),
+    dd.atomic_write(os.path.join(out, "scores.npy"), lambda p: _save_npy(p, rec))
+    dd.atomic_write(os.path.join(out, FLAGGED_FILE),
                      lambda p: p.write_text("".join(f"{i}\n" for i in flagged.tolist())))
     ez._write_json(os.path.join(out, "config.json"), {k: v for k, v in vars(args).items()})
     ez._write_json(os.path.join(out, "detection.json"), result)

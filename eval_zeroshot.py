@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import UserError, build_class_dataset, read_config
+from data_declip import UserError, atomic_write, build_class_dataset, read_config
 
 DEFAULT_TRAIN_DIR = "runs/train"  # default --out-dir of train_declip.py
 MODEL_FILE = "model.safetensors"
@@ -868,14 +867,6 @@ def format_table(rows, bar=None) -> str:
     return "\n".join([line(head), line(["-" * x for x in w])] + [line(b) for b in body])
 
 
-def _atomic_write(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def json_safe(obj):
     """obj with every NaN / infinite float replaced by None (JSON has no NaN: a rate over zero images)."""
     if isinstance(obj, float):
@@ -889,7 +880,7 @@ def json_safe(obj):
 
 def _write_json(path, obj):
     text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def provenance(argv) -> dict:
@@ -964,9 +955,9 @@ def _report_head(title: str, info: dict, bullets: list, victim, clean: list, bar
 
 
 def _write_report_files(out_dir: Path, md: list, rep: dict, rows: list, title: str):
-    _atomic_write(out_dir / "report.md", lambda p: p.write_text("\n".join(md), encoding="utf-8"))
+    atomic_write(out_dir / "report.md", lambda p: p.write_text("\n".join(md), encoding="utf-8"))
     _write_json(out_dir / "report.json", rep)
-    _atomic_write(out_dir / "report.png", lambda p: plot_report(rows, p, title=title))
+    atomic_write(out_dir / "report.png", lambda p: plot_report(rows, p, title=title))
 
 
 def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, clean=None, bar=None,
@@ -1553,7 +1544,7 @@ def run(args) -> dict:
                                                    trigger_params=params, device=accelerator.device,
                                                    bf16=args.eval_bf16, crop_pct=crop_pct, seed=args.seed)
             what = f"triggered ({trig}) test images, target {target!r}" if trig else "clean test images"
-            _atomic_write(path, lambda p: plot_examples(imgs, labels, preds, classnames, p, target=tidx,
+            atomic_write(path, lambda p: plot_examples(imgs, labels, preds, classnames, p, target=tidx,
                                                         title=f"{name}: {what}; top-3 predictions (cosine)"
                                                         + ("; red = classified as the target" if trig else "")))
             example_paths.append(str(path))

@@ -24,10 +24,9 @@ import os
 import pickletools
 import re
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -35,7 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from data_declip import CLIP_MEAN, CLIP_STD, EOT_ID, IMAGENET_MEAN, IMAGENET_STD, MASK_ID, SOT_ID
+from data_declip import (CLIP_MEAN, CLIP_STD, EOT_ID, IMAGENET_MEAN, IMAGENET_STD, MASK_ID,  # noqa: F401
+                         SOT_ID, atomic_write)
 
 # DeCLIP's vocabulary: OpenAI's 49,406 BPE ids, then <|mask|>, <|startoftext|>, <|endoftext|> (spec §1.3).
 VOCAB_SIZE = 49409
@@ -822,24 +822,6 @@ def estimate_flops(cfg: DeCLIPConfig, mode: str = "declip", training: bool = Tru
 # Checkpoint I/O
 
 
-def _atomic_write(path: str, write: Callable[[str], None]):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates 0600; give the file the mode open() would (0666 less the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_model(model: DeCLIP, path: str, metadata: Optional[dict] = None,
                state_dict: Optional[Dict[str, torch.Tensor]] = None):
     """One self-describing .safetensors file: the weights, the model config and provenance as JSON
@@ -852,7 +834,7 @@ def save_model(model: DeCLIP, path: str, metadata: Optional[dict] = None,
     tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     meta = {"format": FORMAT_TAG, "config": json.dumps(model.config.to_dict()),
             "metadata": json.dumps(metadata or {})}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_metadata(path: str) -> dict:
@@ -1426,13 +1408,13 @@ def export_open_clip(model: DeCLIP, out_dir: str):
             "preprocess_cfg": {"mean": list(cfg.image_mean), "std": list(cfg.image_std)}}
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in sd.items()}
-    _atomic_write(os.path.join(out_dir, "open_clip_model.safetensors"), lambda tmp: save_file(tensors, tmp))
+    atomic_write(os.path.join(out_dir, "open_clip_model.safetensors"), lambda tmp: save_file(tensors, tmp))
 
     def write_json(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(conf, indent=2) + "\n")
 
-    _atomic_write(os.path.join(out_dir, "open_clip_config.json"), write_json)
+    atomic_write(os.path.join(out_dir, "open_clip_config.json"), write_json)
 
 
 def export_transformers(model: DeCLIP, out_dir: str):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import UserError, read_config
+from data_declip import UserError, atomic_write, read_config
 
 
 MANIFEST_NAME = "poison_manifest.json"
@@ -891,7 +891,7 @@ class PoisonPlan:
         manifest = self.to_manifest()
         indices = manifest.pop("indices")          # one line, however many
         text = json.dumps(manifest, indent=1)[:-2] + ',\n "indices": ' + json.dumps(indices) + "\n}\n"
-        _atomic_write_text(path, text)
+        atomic_write(path, lambda p: p.write_text(text))
         return path
 
     def summary(self) -> str:
@@ -905,20 +905,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())            # mkstemp makes 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1301,18 +1287,10 @@ def write_preview(images: Sequence[torch.Tensor], path: str, extra: tuple | None
     fig.suptitle(f"triggers at {h}x{w} px (the model's input size)", fontsize=10)
     fig.tight_layout()
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".png",
-                               dir=os.path.dirname(path))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: fig.savefig(p, dpi=110))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
