@@ -54,6 +54,12 @@ class CaptionPool(nn.Module):
         self.register_buffer("bank", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))  # -1: empty slot
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.n_filled = 0  # on the host, so that asking each step costs no device synchronisation
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        out = super().load_state_dict(state_dict, strict)
+        self.n_filled = int((self.ids >= 0).sum())  # once, on resume
+        return out
 
     @torch.no_grad()
     def query(self, q: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -70,9 +76,10 @@ class CaptionPool(nn.Module):
         slots = (self.ptr + torch.arange(x.shape[0], device=x.device)) % size
         self.bank[slots], self.ids[slots] = x, ids.to(self.ids.device)
         self.ptr.copy_((self.ptr + x.shape[0]) % size)
+        self.n_filled = min(size, self.n_filled + x.shape[0])
 
     def filled(self) -> int:
-        return int((self.ids >= 0).sum())
+        return self.n_filled
 
 
 def default_pool_size(n_train: int, global_batch: int) -> int:

@@ -114,3 +114,17 @@ def test_roclip_resumes_bitwise_with_its_pool(tmp_path):
     from safetensors.torch import load_file
     full, cut = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_pool_fill_count_is_kept_on_the_host_and_restored_with_the_state():
+    pool = rc.CaptionPool(5, 3)
+    pool.push(torch.randn(3, 3), torch.arange(3))
+    pool.push(torch.randn(4, 3), torch.arange(3, 7))
+    assert pool.filled() == 5 == int((pool.ids >= 0).sum())
+    fresh = rc.CaptionPool(5, 3)
+    fresh.load_state_dict(rc.CaptionPool(5, 3).state_dict())
+    assert fresh.filled() == 0
+    half = rc.CaptionPool(5, 3)
+    half.push(torch.randn(2, 3), torch.arange(2))
+    fresh.load_state_dict(half.state_dict())
+    assert fresh.filled() == 2
