@@ -661,52 +661,41 @@ def summarize_eval(res: dict) -> str:
 # The loop
 
 
-def train(args: argparse.Namespace, extension: Optional[Extension] = None,
-          train_indices: Optional[Sequence[int]] = None, record: Optional[dict] = None,
-          before_loop=None) -> dict:
-    """Run one training job described by args (see build_parser) and return its summary.
+def check_tracker_installed(args):
+    """Accelerate skips a tracker whose package is missing without a word: say so instead."""
+    if not args.report_to:
+        return
+    import importlib.util
 
-    extension: how a defense changes the loop. train_indices: train on these pairs of the dataset
-    only (a defense's clean subset). record: extra JSON written into config.json (e.g. the subset).
-    before_loop: called with the accelerator once every check has passed and the run directory is
-    written, before the first step (a defense evaluates the victim there).
-    """
+    packages = ("tensorboard", "tensorboardX") if args.report_to == "tensorboard" else ("wandb",)
+    if not any(importlib.util.find_spec(p) for p in packages):
+        raise UserError(f"--report-to {args.report_to}: the package is not installed; pip install {packages[0]}")
+
+
+def make_accelerator(args):
+    """The run's Accelerator, seeded. Several train() calls may share a process (a defense's teacher,
+    SafeCLIP's phases) as Accelerate allows: with the same --precision, any accumulation."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    ext = extension or Extension()
-    if args.report_to:  # Accelerate skips a tracker whose package is missing without a word
-        import importlib.util
-
-        packages = ("tensorboard", "tensorboardX") if args.report_to == "tensorboard" else ("wandb",)
-        if not any(importlib.util.find_spec(p) for p in packages):
-            raise UserError(f"--report-to {args.report_to}: the package is not installed; "
-                            f"pip install {packages[0]}")
-    if _is_main_env():
-        prepare_run_dir(args)
-    # several train() calls may share a process (a defense's inline teacher, tests): the process
-    # group stays, the per-run settings (precision, accumulation) are reset
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(cpu=use_cpu(args.cpu), mixed_precision=args.precision, gradient_accumulation_steps=args.grad_accum,
-                              log_with=args.report_to, project_dir=args.out_dir,
+    accelerator = Accelerator(cpu=use_cpu(args.cpu), mixed_precision=args.precision,
+                              gradient_accumulation_steps=args.grad_accum, log_with=args.report_to,
+                              project_dir=args.out_dir,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     accelerator.wait_for_everyone()
     set_seed(args.seed)
-    device = accelerator.device
-    if device.type == "cpu":
+    if accelerator.device.type == "cpu":
         keep_freed_cpu_memory()
-        use_available_cores(device)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    if device.type == "cpu" and args.precision == "bf16" and not cpu_has_native_bf16() and main:
-        print("note: this CPU has no native bf16 (no avx512_bf16/amx_bf16): bf16 is emulated, about 25x slower "
-              "than fp32 here; pass --precision no")
-    t_start = time.time()
+        use_available_cores(accelerator.device)
+        if args.precision == "bf16" and not cpu_has_native_bf16() and accelerator.is_main_process:
+            print("note: this CPU has no native bf16 (no avx512_bf16/amx_bf16): bf16 is emulated, about 25x "
+                  "slower than fp32 here; pass --precision no")
+    return accelerator
 
-    # --- model
+
+def build_train_model(args, weights: md.LossWeights, main: bool):
+    """The model to train: --init-from's weights, else a fresh --model; heads whose term is off are
+    frozen, so that DDP does not wait for their gradients."""
     if args.init_from:
         model, info = md.load_model(args.init_from, return_info=True, preset=args.model,
                                     activation=getattr(args, "activation", None))
@@ -715,16 +704,32 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     else:
         model = md.build_model(args.model or "tiny", act=getattr(args, "activation", None))
     model.set_grad_checkpointing(bool(args.grad_checkpointing))
-    cfg = model.config
-    declip = args.mode == "declip"
-    weights = ext.loss_weights(args)
-    # heads whose term is off get no gradient: freeze them so DDP does not wait for them
     model.projector.requires_grad_(weights.ss > 0)
     model.predictor.requires_grad_(weights.ss > 0)
-    model.text_label_predictor.requires_grad_(weights.mlm > 0 and declip)
+    model.text_label_predictor.requires_grad_(weights.mlm > 0 and args.mode == "declip")
     model.train()
+    return model
 
-    # --- data
+
+@dataclasses.dataclass
+class TrainData:
+    """What the loop trains on: the pairs' loader and the counts that fix the schedule."""
+    base: object  # the whole --data dataset (the holdout's source)
+    train_base: object  # the pairs trained on (a subset with --holdout, a clean subset, --exclude-indices)
+    plan: Optional["pdata.PoisonPlan"]
+    loader: torch.utils.data.DataLoader
+    streamed: bool
+    n: int
+    global_batch: int
+    steps_per_epoch: int
+    total: int
+    record: Optional[dict]  # config.json's extra record, with the excluded pairs when any
+
+
+def build_data(args, cfg, ext, accelerator, train_indices=None, record=None) -> TrainData:
+    """The training pairs (--holdout, a defense's clean subset and --exclude-indices left out), their
+    poison plan and loader, and the step count the schedule runs for."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     base = load_base(args, cfg.image_size, keep_aspect=True)
     streamed = isinstance(base, torch.utils.data.IterableDataset)  # webdataset shards
     exclude = getattr(args, "exclude_indices", None)
@@ -732,10 +737,9 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         raise UserError("--data: streamed webdataset shards cannot be subset (--holdout, a defense's clean "
                         "subset, label-consistent poisoning); use --clean-data or a map-style format")
     n_all = len(base)
-    holdout_idx = list(range(n_all - args.holdout, n_all)) if args.holdout else []
     if args.holdout and not getattr(base, "classnames", None):
         raise UserError("--holdout needs a labelled dataset with class names (e.g. the embedded Fashion-MNIST)")
-    n_train = n_all - len(holdout_idx)
+    n_train = n_all - (args.holdout or 0)
     plan = make_poison_plan(args, base, n_train)
     pair_plan = plan  # what TrainPairs asks is_poisoned / caption, with its own (subset) index
     if exclude:  # "detect, then train clean": the flagged pairs are never loaded
@@ -744,15 +748,14 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         if train_indices is not None:
             train_indices = [i for i in train_indices if i not in drop]
     if train_indices is not None:
-        idx = list(train_indices)
-        train_base = torch.utils.data.Subset(base, idx)
         if plan is not None:
             raise UserError("poisoning a defense's clean subset is not supported")
+        train_base = torch.utils.data.Subset(base, list(train_indices))
     elif exclude:
         keep = [i for i in range(n_train) if i not in drop]
         train_base = torch.utils.data.Subset(base, keep)
         pair_plan = _SubsetPlan(plan, keep) if plan is not None else None
-    elif holdout_idx:
+    elif args.holdout:
         train_base = torch.utils.data.Subset(base, list(range(n_train)))
     else:
         train_base = base
@@ -778,12 +781,13 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         collate_fn=partial(dd.collate_pairs, context_length=cfg.context_length),
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
-    trigger = plan.trigger_fn() if plan is not None else None
+    return TrainData(base, train_base, plan, loader, streamed, n, global_batch, steps_per_epoch, total, record)
 
-    # --- optimizer
-    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
-    if channels_last and cfg.vision == "resnet":
-        model = model.to(memory_format=torch.channels_last)
+
+def build_optimizer(args, model, device, main: bool):
+    """AdamW over the weight-decay groups, with --init-optimizer's moments when given. The learning
+    rate is set from the step before each update (no scheduler object to keep in sync across
+    processes, accumulation and resume)."""
     opt = torch.optim.AdamW(md.param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
                             eps=args.eps, fused=device.type == "cuda")
     param_names = optimizer_param_names(model, opt)
@@ -793,190 +797,202 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         note = init_optimizer_state(opt, param_names, args.init_from)
         if main:
             print(f"note: {note}")
-    # the learning rate is set from run.step before each optimizer step (no scheduler object to keep
-    # in sync across processes, accumulation and resume)
-    if streamed:  # already split by process; Accelerate would make process 0 read and send every batch
-        model, opt = accelerator.prepare(model, opt)
-    else:  # Accelerate shards our epoch sampler's batches over the processes
-        model, opt, loader = accelerator.prepare(model, opt, loader)
-    raw = accelerator.unwrap_model(model)
-    fwd = torch.compile(model) if args.compile else model
-    run = RunState(raw)
-    run.param_names = param_names
-    accelerator.register_for_checkpointing(run)
-    ext.setup(accelerator, raw, args, train_base)
-    augment = ext.augment or dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std, mocov2=True)
-    raw.clamp_logit_scale_(args.logit_scale_min, args.logit_scale_max)
+    return opt, param_names
 
-    # --- run directory
-    if args.resume:
-        accelerator.load_state(state_dir(args.out_dir))
-        if main:
-            print(f"resumed {args.out_dir} at step {run.step}/{total}")
-    elif main:
-        record_cfg = {k: v for k, v in vars(args).items()}
-        record_cfg.update(resolved=dict(model_config=cfg.to_dict(), world_size=world, global_batch=global_batch,
-                                        total_steps=total, steps_per_epoch=steps_per_epoch, n_train=n,
-                                        weights=dataclasses.asdict(weights), defense=ext.name,
-                                        defense_settings=ext.record()), **(record or {}))
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(record_cfg, f, indent=2, default=str)
-        if plan is not None:
-            plan.save(args.out_dir)
-            print(plan.summary())
-    if args.report_to:
-        accelerator.init_trackers(os.path.basename(os.path.abspath(args.out_dir)))
-    evaluator = EvalHook(args, plan, base)
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if before_loop is not None:
-        with torch.random.fork_rng(devices=[]):  # what it draws leaves the training's random state alone
-            before_loop(accelerator)
 
-    def log(row: dict):
-        if main:
-            with open(metrics_path, "a") as f:
+def write_run_config(args, data: TrainData, cfg, world: int, weights: md.LossWeights, ext: Extension):
+    """config.json (the flags and what they resolved to) and the poison manifest of a new run."""
+    record_cfg = dict(vars(args))
+    record_cfg.update(resolved=dict(model_config=cfg.to_dict(), world_size=world, global_batch=data.global_batch,
+                                    total_steps=data.total, steps_per_epoch=data.steps_per_epoch, n_train=data.n,
+                                    weights=dataclasses.asdict(weights), defense=ext.name,
+                                    defense_settings=ext.record()), **(data.record or {}))
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(record_cfg, f, indent=2, default=str)
+    if data.plan is not None:
+        data.plan.save(args.out_dir)
+        print(data.plan.summary())
+
+
+def loop_views(batch: dict, b: int, g: torch.Generator, *, device, augment, trigger, weights: md.LossWeights,
+               declip: bool, mlm_prob: float) -> dict:
+    """The loop's own DeCLIP.forward inputs for the first b rows: MoCo-v2 image views (the trigger on
+    poisoned rows), the caption (MLM-masked in DeCLIP mode) and its second view."""
+    images = batch["images"][:b].to(device, non_blocking=True)
+    poisoned, sizes = batch["poisoned"][:b], batch["sizes"][:b]
+    tokens = batch["tokens"][:b]
+    # a random trigger (patch-random's place) draws from the step generator too, not from a state of
+    # its own that a resume would restart
+    step_trigger = partial(trigger, generator=g) if trigger is not None else None
+    inputs = dict(images=augment(images, g, step_trigger, poisoned, sizes), weights=weights)
+    if declip:
+        inputs["images2"] = augment(images, g, step_trigger, poisoned, sizes)
+        inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
+        if weights.mlm > 0:
+            tokens, labels = dd.mask_tokens(tokens, g, mlm_prob)
+            inputs.update(mlm_labels=labels.to(device, non_blocking=True),
+                          mlm_index=(labels.flatten() != -100).nonzero()[:, 0].to(device, non_blocking=True))
+    inputs["tokens"] = tokens.to(device, non_blocking=True)
+    return inputs
+
+
+def count_batch(batch: dict, run: RunState, args, world: int, cpu_group) -> int:
+    """The rows of this batch every process trains on (the fewest good ones), counting the seen and
+    the bad samples; the bad fraction is judged once a thousand samples make it mean something."""
+    b, n_bad = batch["images"].shape[0], int(batch["n_bad"])
+    if world > 1:
+        b, n_bad = agree_on_batch(b, n_bad, cpu_group)
+    run.bad += n_bad
+    run.seen += b * world
+    if b and run.seen + run.bad >= 1000:
+        check_bad_fraction(run, args)
+    return b
+
+
+def step_inputs(ext: Extension, batch: dict, b: int, g: torch.Generator, views, channels_last: bool) -> dict:
+    """A step's model inputs: the extension's (by default the loop's views), in the model's layout."""
+    inputs = ext.make_inputs(batch, b, g, views)
+    if channels_last:
+        for k in ("images", "images2"):
+            if k in inputs:
+                inputs[k] = inputs[k].contiguous(memory_format=torch.channels_last)
+    return ext.extend_batch(inputs, batch, g)
+
+
+def set_lr(opt, lr: float) -> float:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def train_step(accelerator, model, fwd, raw, opt, ext: Extension, inputs: dict, grad_clip: float) -> dict:
+    """One micro-batch: forward with the extension's extra terms, backward, clip and update when the
+    accumulated gradients sync. Returns the forward's outputs (loss and its terms)."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast(), raw.tap(ext.tap_names(raw)) as taps:
+            out = fwd(**inputs)
+            for k, v in ext.extra_loss(raw, inputs, taps).items():
+                out[k] = v
+                out["loss"] = out["loss"] + v
+        accelerator.backward(out["loss"])
+        if grad_clip > 0 and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return out
+
+
+def finish_trackers(accelerator):
+    """Close the trackers; accelerator.end_training() would also end the process group, which a
+    later train() in this process (a defense's teacher, SafeCLIP's next phase) still needs."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+class Bookkeeping:
+    """Everything after an optimizer step but the step: the non-finite check, logged means
+    (metrics.jsonl, trackers, the progress bar), periodic evaluation, periodic saves and SIGTERM
+    (what Slurm sends before a kill: save the state and stop). As a context manager it holds the
+    SIGTERM handler and the bar for the loop and closes the trackers when the run stops early."""
+
+    def __init__(self, args, accelerator, run: RunState, evaluator: EvalHook, n: int, total: int, name: str):
+        self.args, self.acc, self.run, self.evaluator, self.n, self.total = args, accelerator, run, evaluator, n, total
+        self.metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.first_bad = torch.tensor(-1, device=accelerator.device)  # the first non-finite step, on device
+        self.t_log, self.seen_log, self.last_saved = time.time(), run.seen, run.step
+        self.signal = None
+        self.name = name
+
+    def __enter__(self):
+        self.old_handler = signal.signal(signal.SIGTERM, self._on_term)
+        self.bar = tqdm(total=self.total, initial=self.run.step, disable=not self.acc.is_main_process,
+                        desc=self.name, dynamic_ncols=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.bar.close()
+        signal.signal(signal.SIGTERM, self.old_handler)
+        if exc_type in (Stop, Preempted):
+            finish_trackers(self.acc)
+        if exc_type is Stop:
+            raise UserError(str(exc)) from None
+        return False
+
+    def _on_term(self, signum, _frame):
+        self.signal = signum
+
+    def log(self, row: dict):
+        if self.acc.is_main_process:
+            with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if args.report_to:
-            accelerator.log(tracker_scalars(row), step=row.get("step"))
+        if self.args.report_to:
+            self.acc.log(tracker_scalars(row), step=row.get("step"))
 
-    # --- preemption: SIGTERM (what Slurm sends before a kill) saves state and exits
-    stop = {"signal": None}
-
-    def on_term(signum, _frame):
-        stop["signal"] = signum
-
-    old_handler = signal.signal(signal.SIGTERM, on_term)
-    resume_cmd = " ".join(shlex.quote(a) for a in [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--resume"]) + " --resume"
-
-    def views(batch: dict, b: int, g: torch.Generator) -> dict:
-        """The loop's own DeCLIP.forward inputs for the first b rows: MoCo-v2 image views (the trigger on
-        poisoned rows), the caption (MLM-masked in DeCLIP mode) and its second view."""
-        images = batch["images"][:b].to(device, non_blocking=True)
-        poisoned, sizes = batch["poisoned"][:b], batch["sizes"][:b]
-        tokens = batch["tokens"][:b]
-        # a random trigger (patch-random's place) draws from the step generator too, not from a state of
-        # its own that a resume would restart
-        step_trigger = partial(trigger, generator=g) if trigger is not None else None
-        inputs = dict(images=augment(images, g, step_trigger, poisoned, sizes), weights=weights)
-        if declip:
-            inputs["images2"] = augment(images, g, step_trigger, poisoned, sizes)
-            inputs["tokens_aug"] = batch["tokens_aug"][:b].to(device, non_blocking=True)
-            if weights.mlm > 0:
-                tokens, labels = dd.mask_tokens(tokens, g, args.mlm_prob)
-                inputs.update(mlm_labels=labels.to(device, non_blocking=True),
-                              mlm_index=(labels.flatten() != -100).nonzero()[:, 0].to(device, non_blocking=True))
-        inputs["tokens"] = tokens.to(device, non_blocking=True)
-        return inputs
-
-    # --- loop
-    iterator = accelerator.skip_first_batches(loader, run.step * args.grad_accum) if run.step else loader
-    bar = tqdm(total=total, initial=run.step, disable=not main, desc=ext.name, dynamic_ncols=True)
-    sums: Dict[str, torch.Tensor] = {}
-    first_bad = torch.tensor(-1, device=device)
-    cpu_group = host_group() if world > 1 else None
-    t_log, seen_log, last_saved = time.time(), run.seen, run.step
-    micro = 0
-
-    def check_finite():
-        fb = int(accelerator.gather(first_bad.reshape(1)).max())
+    def check_finite(self):
+        fb = int(self.acc.gather(self.first_bad.reshape(1)).max())
         if fb >= 0:
             raise Stop(f"non-finite loss at step {fb}; the last good checkpoint is "
-                       f"{state_dir(args.out_dir) if last_saved else 'none (no state saved yet)'}"
-                       f" at step {last_saved}")
+                       f"{state_dir(self.args.out_dir) if self.last_saved else 'none (no state saved yet)'}"
+                       f" at step {self.last_saved}")
 
-    try:
-        for batch in iterator:
-            if run.step >= total:
-                break
-            b, n_bad = batch["images"].shape[0], int(batch["n_bad"])
-            if world > 1:
-                b, n_bad = agree_on_batch(b, n_bad, cpu_group)
-            run.bad += n_bad
-            run.seen += b * world
-            if b == 0:  # every sample of this batch was bad (counted above)
-                continue
-            if run.seen + run.bad >= 1000:  # judge the fraction once it means something
-                check_bad_fraction(run, args)
-            # the step's random decisions are drawn on the host (a CPU generator, masks on the CPU
-            # tokens): the GPU gets index and token copies and never makes the host wait
-            g = step_generator(args.seed, run.step * args.grad_accum + micro, rank, "cpu")
-            inputs = ext.make_inputs(batch, b, g, views)
-            if channels_last and cfg.vision == "resnet":
-                for k in ("images", "images2"):
-                    if k in inputs:
-                        inputs[k] = inputs[k].contiguous(memory_format=torch.channels_last)
-            inputs = ext.extend_batch(inputs, batch, g)
-            lr = lr_at(args.start_step + run.step, args, total)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with accelerator.accumulate(model):
-                with accelerator.autocast(), raw.tap(ext.tap_names(raw)) as taps:
-                    out = fwd(**inputs)
-                    for k, v in ext.extra_loss(raw, inputs, taps).items():
-                        out[k] = v
-                        out["loss"] = out["loss"] + v
-                accelerator.backward(out["loss"])
-                if args.grad_clip > 0 and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            micro = 0
-            raw.clamp_logit_scale_(args.logit_scale_min, args.logit_scale_max)
-            run.step += 1
-            bad_now = ~torch.isfinite(out["loss"].detach())
-            first_bad = torch.where(bad_now & (first_bad < 0), torch.full_like(first_bad, run.step), first_bad)
-            for k, v in out.items():
-                if k != "logit_scale" and v is not None:
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-            bar.update(1)
+    def add(self, out: dict):
+        """Count a finished optimizer step: its loss terms to the sums, a non-finite loss noted on
+        the device (checked, with one sync, only when logging or saving)."""
+        run = self.run
+        bad_now = ~torch.isfinite(out["loss"].detach())
+        self.first_bad = torch.where(bad_now & (self.first_bad < 0), torch.full_like(self.first_bad, run.step),
+                                     self.first_bad)
+        for k, v in out.items():
+            if k != "logit_scale" and v is not None:
+                self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.bar.update(1)
 
-            if run.step % args.log_every == 0 or run.step == total:
-                check_finite()
-                dt = time.time() - t_log
-                steps_logged = args.log_every if run.step % args.log_every == 0 else run.step % args.log_every
-                names = sorted(sums)  # terms averaged over the logged steps and over processes
-                means = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="mean") / steps_logged
-                row = {"step": run.step, "epoch": round(run.seen / n, 4), "lr": lr,
-                       "logit_scale": float(out["logit_scale"]),
-                       **{k: round(float(v), 5) for k, v in zip(names, means.tolist())},
-                       "img_s": round((run.seen - seen_log) / max(dt, 1e-9), 1), "bad": run.bad}
-                sums, t_log, seen_log = {}, time.time(), run.seen
-                log(row)
-                bar.set_postfix({k: row[k] for k in ("loss", "clip", "lr", "logit_scale", "img_s") if k in row},
-                                refresh=False)
-            if args.eval_every and run.step % args.eval_every == 0 and run.step < total:
-                raw.eval()
-                res = evaluator(raw, accelerator)
-                raw.train()
-                log({"step": run.step, "eval": res})
-                if main:
-                    tqdm.write(f"step {run.step}: {summarize_eval(res)}")
-            if stop["signal"] is not None:
-                check_finite()
-                save_state(accelerator, args.out_dir)
-                raise Preempted(stop["signal"], f"stopped by signal {stop['signal']} at step {run.step}/{total}; "
-                                f"state saved in {args.out_dir}/state; resume with: {resume_cmd}")
-            if args.save_every and run.step % args.save_every == 0 and run.step < total:
-                check_finite()
-                save_state(accelerator, args.out_dir)
-                last_saved = run.step
-        check_finite()
-        check_bad_fraction(run, args)
-    except (Stop, Preempted) as e:
-        bar.close()
-        signal.signal(signal.SIGTERM, old_handler)
-        _finish_trackers(accelerator)
-        if isinstance(e, Preempted):
-            raise
-        raise UserError(str(e)) from None
-    bar.close()
-    signal.signal(signal.SIGTERM, old_handler)
-    run.elapsed += time.time() - t_start
+    def after_step(self, out: dict, lr: float, raw):
+        args, run, total = self.args, self.run, self.total
+        if run.step % args.log_every == 0 or run.step == total:
+            self._log_means(out, lr)
+        if args.eval_every and run.step % args.eval_every == 0 and run.step < total:
+            raw.eval()
+            res = self.evaluator(raw, self.acc)
+            raw.train()
+            self.log({"step": run.step, "eval": res})
+            if self.acc.is_main_process:
+                tqdm.write(f"step {run.step}: {summarize_eval(res)}")
+        if self.signal is not None:
+            self.check_finite()
+            save_state(self.acc, args.out_dir)
+            resume = " ".join(shlex.quote(a) for a in [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--resume"])
+            raise Preempted(self.signal, f"stopped by signal {self.signal} at step {run.step}/{total}; state "
+                            f"saved in {args.out_dir}/state; resume with: {resume} --resume")
+        if args.save_every and run.step % args.save_every == 0 and run.step < total:
+            self.check_finite()
+            save_state(self.acc, args.out_dir)
+            self.last_saved = run.step
 
-    # --- finish: state, weights, evaluation, summary
+    def _log_means(self, out: dict, lr: float):
+        """One metrics row: each term averaged over the logged steps and over processes."""
+        args, run = self.args, self.run
+        self.check_finite()
+        dt = time.time() - self.t_log
+        steps_logged = args.log_every if run.step % args.log_every == 0 else run.step % args.log_every
+        names = sorted(self.sums)
+        means = self.acc.reduce(torch.stack([self.sums[k] for k in names]), reduction="mean") / steps_logged
+        row = {"step": run.step, "epoch": round(run.seen / self.n, 4), "lr": lr,
+               "logit_scale": float(out["logit_scale"]),
+               **{k: round(float(v), 5) for k, v in zip(names, means.tolist())},
+               "img_s": round((run.seen - self.seen_log) / max(dt, 1e-9), 1), "bad": run.bad}
+        self.sums, self.t_log, self.seen_log = {}, time.time(), run.seen
+        self.log(row)
+        self.bar.set_postfix({k: row[k] for k in ("loss", "clip", "lr", "logit_scale", "img_s") if k in row},
+                             refresh=False)
+
+
+def finish_run(args, accelerator, model, raw, run: RunState, ext: Extension, plan, evaluator: EvalHook,
+               book: Bookkeeping) -> dict:
+    """The end of a run: its state, its weights (model.safetensors), the final evaluation (eval.json)
+    and summary.json, one printed line."""
+    main = accelerator.is_main_process
     save_state(accelerator, args.out_dir)
     summary = {"steps": run.step, "seen": run.seen, "bad_samples": run.bad, "minutes": round(run.elapsed / 60, 2)}
     full_weights = accelerator.get_state_dict(model)  # a collective under FSDP: every process calls it
@@ -989,7 +1005,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         raw.eval()
         res = evaluator(raw, accelerator)
         summary["eval"] = res
-        log({"step": run.step, "eval": res})
+        book.log({"step": run.step, "eval": res})
         if main:
             with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
                 json.dump(res, f, indent=2)
@@ -1004,8 +1020,95 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
         if "eval" in summary:
             line += f"; {summarize_eval(summary['eval'])}"
         print(line + f" -> {args.out_dir}")
-    _finish_trackers(accelerator)
+    finish_trackers(accelerator)
     return summary
+
+
+def train(args: argparse.Namespace, extension: Optional[Extension] = None,
+          train_indices: Optional[Sequence[int]] = None, record: Optional[dict] = None,
+          before_loop=None) -> dict:
+    """Run one training job described by args (see build_parser) and return its summary.
+
+    extension: how a defense changes the loop. train_indices: train on these pairs of the dataset
+    only (a defense's clean subset). record: extra JSON written into config.json (e.g. the subset).
+    before_loop: called with the accelerator once every check has passed and the run directory is
+    written, before the first step (a defense evaluates the victim there).
+    """
+    ext = extension or Extension()
+    check_tracker_installed(args)
+    if _is_main_env():
+        prepare_run_dir(args)
+    accelerator = make_accelerator(args)
+    device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
+    t_start = time.time()
+
+    weights = ext.loss_weights(args)
+    model = build_train_model(args, weights, main)
+    cfg = model.config
+    data = build_data(args, cfg, ext, accelerator, train_indices, record)
+    trigger = data.plan.trigger_fn() if data.plan is not None else None
+    channels_last = (args.channels_last if args.channels_last is not None else device.type == "cuda") \
+        and cfg.vision == "resnet"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt, param_names = build_optimizer(args, model, device, main)
+    if data.streamed:  # already split by process; Accelerate would make process 0 read and send every batch
+        model, opt = accelerator.prepare(model, opt)
+        loader = data.loader
+    else:  # Accelerate shards our epoch sampler's batches over the processes
+        model, opt, loader = accelerator.prepare(model, opt, data.loader)
+    raw = accelerator.unwrap_model(model)
+    fwd = torch.compile(model) if args.compile else model
+    run = RunState(raw)
+    run.param_names = param_names
+    accelerator.register_for_checkpointing(run)
+    ext.setup(accelerator, raw, args, data.train_base)
+    augment = ext.augment or dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std, mocov2=True)
+    views = partial(loop_views, device=device, augment=augment, weights=weights, declip=args.mode == "declip",
+                    mlm_prob=args.mlm_prob, trigger=trigger)
+    raw.clamp_logit_scale_(args.logit_scale_min, args.logit_scale_max)
+
+    if args.resume:
+        accelerator.load_state(state_dir(args.out_dir))
+        if main:
+            print(f"resumed {args.out_dir} at step {run.step}/{data.total}")
+    elif main:
+        write_run_config(args, data, cfg, world, weights, ext)
+    if args.report_to:
+        accelerator.init_trackers(os.path.basename(os.path.abspath(args.out_dir)))
+    evaluator = EvalHook(args, data.plan, data.base)
+    if before_loop is not None:
+        with torch.random.fork_rng(devices=[]):  # what it draws leaves the training's random state alone
+            before_loop(accelerator)
+
+    iterator = accelerator.skip_first_batches(loader, run.step * args.grad_accum) if run.step else loader
+    cpu_group = host_group() if world > 1 else None
+    micro = 0
+    with Bookkeeping(args, accelerator, run, evaluator, data.n, data.total, ext.name) as book:
+        for batch in iterator:
+            if run.step >= data.total:
+                break
+            b = count_batch(batch, run, args, world, cpu_group)
+            if b == 0:  # every sample of this batch was bad (counted)
+                continue
+            # the step's random decisions are drawn on the host (a CPU generator, masks on the CPU
+            # tokens): the GPU gets index and token copies and never makes the host wait
+            g = step_generator(args.seed, run.step * args.grad_accum + micro, accelerator.process_index, "cpu")
+            inputs = step_inputs(ext, batch, b, g, views, channels_last)
+            lr = set_lr(opt, lr_at(args.start_step + run.step, args, data.total))
+            out = train_step(accelerator, model, fwd, raw, opt, ext, inputs, args.grad_clip)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            micro = 0
+            raw.clamp_logit_scale_(args.logit_scale_min, args.logit_scale_max)
+            run.step += 1
+            book.add(out)
+            book.after_step(out, lr, raw)
+        book.check_finite()
+        check_bad_fraction(run, args)
+    run.elapsed += time.time() - t_start
+    return finish_run(args, accelerator, model, raw, run, ext, data.plan, evaluator, book)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1189,13 +1292,6 @@ def _eval_plan(args, plan):
     params = dict(plan.trigger_params) if plan is not None and trigger == plan.trigger else {}
     params.update(pdata.parse_trigger_params(args.trigger_param))
     return argparse.Namespace(trigger=trigger, trigger_params=params, target=target)
-
-
-def _finish_trackers(accelerator):
-    """Close the trackers; unlike accelerator.end_training() this keeps the process group, so a
-    process may run train() again (a defense's inline teacher)."""
-    for tracker in accelerator.trackers:
-        tracker.finish()
 
 
 def _is_main_env() -> bool:

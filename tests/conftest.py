@@ -43,3 +43,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test is a run of its own, as each command is a process of its own: Accelerate's
+    per-process settings (precision, cpu) from an earlier test do not carry over (private API, used
+    in tests only; the scripts never need it)."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()

@@ -212,6 +212,25 @@ def test_a_defense_resumes_exactly_after_sigterm(tmp_path):
 
 
 @needs_fmnist
+def test_a_second_run_in_the_same_process_trains_as_it_would_alone(tmp_path):
+    """A defense's teacher and SafeCLIP's phases run train() again in one process, with no reset of
+    Accelerate's state in between: the later run (other accumulation, poisoned) must not inherit the
+    earlier one's settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    second = ["--max-steps", "3", "--grad-accum", "2", "--batch-size", "8", "--poison-rate", "0.05"]
+    td.train(_args(tmp_path / "alone", *second))
+    alone = _weights(tmp_path / "alone")
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    td.train(_args(tmp_path / "first", "--max-steps", "2", "--mode", "clip"))
+    td.train(_args(tmp_path / "after", *second))
+    after = _weights(tmp_path / "after")
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
+    assert json.load(open(tmp_path / "after" / "config.json"))["resolved"]["global_batch"] == 16
+
+
+@needs_fmnist
 def test_poisoned_run_writes_its_manifest_and_metadata(tmp_path):
     out = tmp_path / "victim"
     td.train(_args(out, "--max-steps", "2", "--poison-count", "30", "--trigger", "patch",
