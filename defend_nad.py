@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+import eval_zeroshot as ez
 import modeling_declip as md
 import train_declip as td
 from data_declip import UserError
@@ -292,7 +293,7 @@ def check_args(args: argparse.Namespace):
         n = len([s for item in args.nad_layers for s in str(item).split(",") if s.strip()])
         if n != len(betas):
             raise UserError(f"--nad-betas has {len(betas)} values for the {n} --nad-layers; give one per layer")
-    td.victim_paths(args.ckpt)
+    ez.resolve_ckpt(args.ckpt, hint="train the victim first: make victim")
     if td._is_main_env() and os.path.isdir(args.out_dir):
         td.prepare_run_dir(args)  # a finished run without --overwrite fails here, before the teacher is trained
 

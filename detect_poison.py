@@ -310,7 +310,7 @@ def detect(args) -> dict:
 
     _check_args(args)
     t0 = time.time()
-    weights, victim_manifest = td.victim_paths(args.ckpt)
+    weights, victim_manifest = ez.resolve_ckpt(args.ckpt, hint="train the victim first: make victim")
     resolve_data(args, _victim_config(args.ckpt))
     copy_manifest = _data_manifest(args.data)
     accelerator = Accelerator(cpu=args.cpu)

@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from data_declip import UserError, atomic_write, build_class_dataset, read_config
+from poison_data import MANIFEST_NAME as MANIFEST_FILE
 
 DEFAULT_TRAIN_DIR = "runs/train"  # default --out-dir of train_declip.py
 MODEL_FILE = "model.safetensors"
-MANIFEST_FILE = "poison_manifest.json"
 SUMMARY_FILE = "summary.json"  # written into every run directory by train_declip.py / defend_*.py
 
 BASE_TEMPLATE = "a photo of a {}."
@@ -1228,24 +1228,29 @@ def _manifest_from_metadata(weights) -> dict | None:
     return None
 
 
-def resolve_ckpt(path):
-    """(weights file, manifest path or None) for a run directory or a checkpoint file."""
+def resolve_ckpt(path, hint: str = "") -> tuple:
+    """(weights file, manifest path or None) of a run directory (ours, or a transformers / open_clip
+    directory) or a checkpoint file; the manifest is the poison manifest beside the weights.
+    hint: what to do when the path does not exist (default: for train_declip.py's default output)."""
+    from modeling_declip import checkpoint_file
+
     p = Path(path)
     if p.is_dir():
-        from modeling_declip import checkpoint_file
-
-        w = Path(checkpoint_file(str(p)) or p / MODEL_FILE)  # our run directory, or a transformers / open_clip one
-        if not w.is_file():
+        w = checkpoint_file(str(p))
+        if w is None:
             raise UserError(f"--ckpt {path}: directory has no {MODEL_FILE}; pass a run directory of "
                             "train_declip.py / defend_*.py or a checkpoint file.")
-        man = p / MANIFEST_FILE
-        return w, (man if man.is_file() else None)
-    if p.is_file():
-        man = p.parent / MANIFEST_FILE
-        return p, (man if man.is_file() else None)
-    hint = (" (the default output of `accelerate launch train_declip.py --poison-rate 0.01 --trigger patch`;"
-            " train it first)" if str(path).rstrip("/") == DEFAULT_TRAIN_DIR else "")
-    raise UserError(f"--ckpt {path} does not exist{hint}; pass a run directory or a checkpoint file.")
+        d = p
+    elif p.is_file():
+        w, d = str(p), p.parent
+    else:
+        if not hint and str(path).rstrip("/") == DEFAULT_TRAIN_DIR:
+            hint = ("the default output of `accelerate launch train_declip.py --poison-rate 0.01 --trigger patch`;"
+                    " train it first")
+        raise UserError(f"--ckpt {path} does not exist{f' ({hint})' if hint else ''}; pass a run directory or a "
+                        f"checkpoint file.")
+    man = d / MANIFEST_FILE
+    return w, (str(man) if man.is_file() else None)
 
 
 def _default_name(path):

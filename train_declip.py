@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data_declip as dd
+import eval_zeroshot as ez
 import modeling_declip as md
 import poison_data as pdata
 from data_declip import UserError
@@ -577,8 +578,6 @@ class EvalHook:
         self.sets = {}  # image size -> (dataset, classnames)
 
     def test_set(self, image_size: int):
-        import eval_zeroshot as ez
-
         if image_size not in self.sets:
             args = self.args
             crop = ez.default_crop_pct(args.data if args.holdout else args.eval_data)
@@ -605,8 +604,6 @@ class EvalHook:
 
     def check(self, image_size: int = 32):
         """Raise the UserError a bad test set, trigger or target would raise, without evaluating anything."""
-        import eval_zeroshot as ez
-
         _, classnames, _ = self.test_set(image_size)
         kw = self._plan_kw()
         if kw:
@@ -615,8 +612,6 @@ class EvalHook:
         ez.get_templates(self.args.templates)
 
     def __call__(self, model, accelerator=None) -> dict:
-        import eval_zeroshot as ez
-
         dataset, classnames, crop = self.test_set(model.config.image_size)
         with unsharded(model):
             # FSDP's bf16 mixed precision unshards bf16 weights, which only run under autocast
@@ -1178,21 +1173,6 @@ def take_victim_flags(args, ckpt_dir: Optional[str]) -> dict:
     return taken
 
 
-def victim_paths(ckpt: str):
-    """(weights file, manifest path or None) of a run directory or checkpoint file."""
-    if os.path.isdir(ckpt):
-        weights = md.checkpoint_file(ckpt)  # our run directory, or a transformers / open_clip directory
-        if weights is None:
-            raise UserError(f"--ckpt {ckpt} is a directory without model.safetensors; train it first or give a file")
-        d = ckpt
-    elif os.path.isfile(ckpt):
-        weights, d = ckpt, os.path.dirname(os.path.abspath(ckpt))
-    else:
-        raise UserError(f"--ckpt {ckpt} does not exist; train the victim first (make victim) or give its path")
-    manifest = os.path.join(d, pdata.MANIFEST_NAME)
-    return weights, (manifest if os.path.isfile(manifest) else None)
-
-
 def clean_subset(n: int, fraction: float, poisoned: Sequence[int], seed: int) -> List[int]:
     """A seeded random `fraction` of range(n) that never contains a poisoned index."""
     if not 0 < fraction <= 1:
@@ -1215,7 +1195,7 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
     evaluation when the caller has it already (reused, not recomputed), or False to leave it out."""
     t0 = time.time()
     args = copy.copy(args)  # the victim's flags are filled in here; the caller's namespace stays as it was
-    weights, manifest = victim_paths(args.ckpt)
+    weights, manifest = ez.resolve_ckpt(args.ckpt, hint="train the victim first: make victim")
     user_format = {k: getattr(args, k) for k in VICTIM_FORMAT_FLAGS["data"]}  # for --clean-data
     taken = take_victim_flags(args, os.path.dirname(weights))
     plan = pdata.PoisonPlan.from_manifest(manifest) if manifest else None
@@ -1264,8 +1244,6 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
     before = run["before"]
     summary.update(before=before, after=after, minutes=round((time.time() - t0) / 60, 2))
     if (acc.is_main_process if acc is not None else _is_main_env()):
-        import eval_zeroshot as ez
-
         if evaluator is not None:
             ez._write_json(os.path.join(args.out_dir, "eval.json"), {"before": before, "after": after})
         ez._write_json(os.path.join(args.out_dir, "summary.json"), summary)

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import tarfile
-import time
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 victim's mode, and FT on the victim's own loss."""
 
 import json
-import os
 import random
 
 import pytest
@@ -13,7 +12,6 @@ import torchvision.transforms.functional as TF
 import data_declip as dd
 import defend_finetune as dft
 import modeling_declip as md
-import train_declip as td
 from test_defend_nad import SMALL, victim  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
