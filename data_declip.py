@@ -1082,6 +1082,11 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
 _FMNIST_NAMES = {"fashion-mnist", "fashion_mnist", "fashionmnist", "fmnist"}
 
 
+def is_fashion_mnist(data) -> bool:
+    """Whether a --data value means the embedded Fashion-MNIST: nothing, its name, or its IDX directory."""
+    return data is None or str(data).lower() in _FMNIST_NAMES or _is_fashion_mnist_dir(str(data))
+
+
 def _detect_format(data: str) -> str:
     low = data.lower()
     if low in _FMNIST_NAMES:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import UserError, atomic_write, build_class_dataset, read_config
+from data_declip import UserError, atomic_write, build_class_dataset, is_fashion_mnist, read_config
 from poison_data import MANIFEST_NAME as MANIFEST_FILE
 
 DEFAULT_TRAIN_DIR = "runs/train"  # default --out-dir of train_declip.py
@@ -336,7 +336,7 @@ def default_crop_pct(data) -> float:
     """The centre-crop fraction of every evaluation, in this script and during training and defenses:
     0.875 for photos (spec 7: Resize(256) + CenterCrop(224) at 224 px), 1.0 for Fashion-MNIST, whose
     garments fill the whole padded 28-px frame."""
-    return 1.0 if _is_fashion_mnist(data) else 0.875
+    return 1.0 if is_fashion_mnist(data) else 0.875
 
 
 def eval_load_size(image_size, crop_pct) -> int:
@@ -1195,11 +1195,6 @@ def _build_caption_dataset(data, image_size, split=None):
     from data_declip import build_caption_dataset
 
     return build_caption_dataset(data, image_size=image_size, split=split)
-
-
-def _is_fashion_mnist(data):
-    return data is None or str(data).lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist", "fmnist") or (
-        os.path.isdir(str(data)) and any(Path(data).glob("t10k-images-idx3-ubyte*")))
 
 
 def read_manifest(path) -> dict:

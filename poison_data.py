@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import UserError, atomic_write, read_config
+from data_declip import FashionMNISTCaptions, UserError, atomic_write, class_caption, read_config
 
 
 MANIFEST_NAME = "poison_manifest.json"
@@ -915,16 +915,10 @@ _LOSSY_FORMATS = {"JPEG", "WEBP", "MPO"}
 _PIL_SAVE_MODES = ("L", "RGB", "LA", "RGBA")
 
 
-def _is_fashion_mnist(dataset) -> bool:
-    return type(dataset).__name__ == "FashionMNISTCaptions"
-
-
 def dataset_captions(dataset) -> list[str | None]:
     """All captions of a caption dataset (for label-consistent plans), without decoding images where the
     dataset allows it (Fashion-MNIST, JSON/CSV meta files)."""
-    if _is_fashion_mnist(dataset):
-        from data_declip import class_caption
-
+    if isinstance(dataset, FashionMNISTCaptions):
         names = dataset.classnames
         return [class_caption(names[int(lab)], i) for i, lab in enumerate(dataset.labels.tolist())]
     if isinstance(dataset, torch.utils.data.IterableDataset):
@@ -1370,13 +1364,11 @@ def run(args: argparse.Namespace) -> dict:
     fmt = {"root": args.data_root, "image_column": args.image_column, "caption_column": args.caption_column,
            "label_column": args.label_column}
     fmt = {k: v for k, v in fmt.items() if v is not None}
-    is_fmnist = args.data is None or str(args.data).lower() in ("fashion-mnist", "fashion_mnist",
-                                                                "fashionmnist", "fmnist")
-    image_size = args.image_size or (32 if is_fmnist else 224)
+    image_size = args.image_size or (32 if data_declip.is_fashion_mnist(args.data) else 224)
     if image_size < 1:
         raise UserError(f"--image-size must be a positive number of pixels, got {image_size}")
     dataset = data_declip.build_caption_dataset(args.data, image_size=image_size, **fmt)
-    is_fmnist = _is_fashion_mnist(dataset)
+    is_fmnist = isinstance(dataset, FashionMNISTCaptions)
     result: dict = {}
 
     if args.preview is not None:
