@@ -86,6 +86,50 @@ class UserError(Exception):
     """A mistake in the user's input (flag, file, column); scripts print it as `error: ...` and exit 2."""
 
 
+PREEMPTED_EXIT_BASE = 128  # exit 128 + signal number (143 for SIGTERM), as a shell reports a killed process
+
+
+class Preempted(Exception):
+    """A signal (SIGTERM, what Slurm sends before a kill or a preemption) stopped the run after it
+    saved its state. Not an error: run_main prints the message with the resume command and exits with
+    `exit_code` = 128 + the signal number (143), so `train && eval` chains stop and a requeue wrapper
+    can tell "resume me" (143) from "finished" (0) and "fix the input" (2)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = PREEMPTED_EXIT_BASE + self.signum
+
+
+def is_main_env() -> bool:
+    """Whether this is the main process of a launch (or no launch), read before any process group exists."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def run_main(main: Callable, argv: Optional[Sequence[str]] = None) -> int:
+    """Run a script's main(argv) and return the exit status every script shares: 0 when it finishes;
+    2 after a user error (a UserError, a checkpoint that cannot be read), printed by the main process as
+    one `error: ...` line without a traceback; 128 + the signal after a preempted run saved its state,
+    printing how to resume. A process group, if one was made, is closed on the way out."""
+    import sys
+
+    try:
+        main(argv)
+        return 0
+    except UserError as e:
+        if is_main_env():  # every process raises the same error: one message, also under a launch
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        if is_main_env():
+            print(str(e), file=sys.stderr)
+        return e.exit_code
+    finally:
+        sys.stdout.flush()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # a clean gloo/NCCL shutdown before the interpreter exits
+
+
 def read_config(path: str, parser, sections: Sequence[str] = (), strict: bool = False) -> dict:
     """Flag defaults from a YAML --config file: its top-level scalar keys, overridden by the first of
     `sections` that is present (a mapping), keys read with '-' as '_'. Keys that are not flags of

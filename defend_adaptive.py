@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import sys
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -43,7 +44,7 @@ import data_declip as dd
 import defend_nad as nad
 import modeling_declip as md
 import train_declip as td
-from data_declip import UserError
+from data_declip import UserError, run_main
 
 DEFAULT_OUT = "runs/adaptive"
 # MI-FGSM settings of the original's adversarial solver (spec §6.4 A, config_adv.yaml).
@@ -414,4 +415,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    td.run_main(main)
+    sys.exit(run_main(main))

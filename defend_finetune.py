@@ -35,6 +35,7 @@ loop (the official code detaches it).
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 import data_declip as dd
 import modeling_declip as md
 import train_declip as td
+from data_declip import run_main
 
 OUT = {"ft": "runs/ft", "cleanclip": "runs/cleanclip", "par": "runs/par"}
 PAR_TAU = 2.15  # official --loss-thresh
@@ -195,4 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    td.run_main(main)
+    sys.exit(run_main(main))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 import eval_zeroshot as ez
 import modeling_declip as md
 import train_declip as td
-from data_declip import UserError
+from data_declip import UserError, is_main_env, run_main
 
 DEFAULT_OUT = "runs/nad"
 # NAD's own defaults (bboylyg/NAD config: beta1=500 low, beta2=1000 middle, beta3=1000 high, p=2):
@@ -220,7 +221,7 @@ def prepare_teacher(args: argparse.Namespace) -> str:
     targs = teacher_run_args(args)
     path = os.path.join(targs.out_dir, "model.safetensors")
     if os.path.isfile(path) and not args.overwrite:
-        if td._is_main_env():
+        if is_main_env():
             print(f"teacher: using {path}")
         return path
     started = any(os.path.isdir(os.path.join(targs.out_dir, s)) for s in ("state", "state.old"))
@@ -294,7 +295,7 @@ def check_args(args: argparse.Namespace):
         if n != len(betas):
             raise UserError(f"--nad-betas has {len(betas)} values for the {n} --nad-layers; give one per layer")
     ez.resolve_ckpt(args.ckpt, hint="train the victim first: make victim")
-    if td._is_main_env() and os.path.isdir(args.out_dir):
+    if is_main_env() and os.path.isdir(args.out_dir):
         td.prepare_run_dir(args)  # a finished run without --overwrite fails here, before the teacher is trained
 
 
@@ -309,4 +310,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    td.run_main(main)
+    sys.exit(run_main(main))

@@ -31,6 +31,7 @@ takes the image's own caption away on the RoCLIP passes.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict, List
 
 import torch
@@ -40,6 +41,7 @@ from torch import nn
 import data_declip as dd
 import modeling_declip as md
 import train_declip as td
+from data_declip import run_main
 
 DEFAULT_OUT = "runs/roclip"
 OFFICIAL_POOL, OFFICIAL_PAIRS = 21845, 1_000_000  # official --memory_bank_size, for its 1M CC3M pairs
@@ -169,4 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    td.run_main(main)
+    sys.exit(run_main(main))

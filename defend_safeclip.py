@@ -39,6 +39,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ import eval_zeroshot as ez
 import modeling_declip as md
 import poison_data as pdata
 import train_declip as td
-from data_declip import UserError
+from data_declip import UserError, run_main
 
 DEFAULT_OUT = "runs/safeclip"
 FIRST_POSTERIOR = 0.9  # official: the first safe set is the pairs with clean posterior >= 0.9
@@ -195,7 +196,7 @@ def run(args) -> dict:
                     split = {"pass": e + 1, "share": share, **split_quality(safe, n, plan.indices if plan else []),
                              "safe": safe.tolist()}
                     record["splits"].append(split)
-                    if td._is_main_env():
+                    if dd.is_main_env():
                         ez._write_json(record_path, record)
                         print(f"safeclip: pass {e + 1}: {split['n_safe']} safe pairs ({100 * len(safe) / n:.1f} %), "
                               f"{split['poisoned_in_safe']} of them poisoned")
@@ -204,7 +205,7 @@ def run(args) -> dict:
             if kind == "safe":  # the share grows for the next split
                 share = min(share + args.filter_step, args.filter_cap)
             if n - len(exclude) < global_batch:
-                if td._is_main_env():
+                if dd.is_main_env():
                     print(f"safeclip: {name}: {n - len(exclude)} {kind} pairs, less than one batch; pass skipped")
                 continue
             pargs.exclude_indices = pdir + ".exclude.txt"
@@ -236,7 +237,7 @@ def finish(args, last: str, record: dict, summary: dict) -> dict:
     (with the splits, without their index lists)."""
     out = args.out_dir
     summary = {**summary, "splits": [{k: v for k, v in s.items() if k != "safe"} for s in record["splits"]]}
-    if td._is_main_env():
+    if dd.is_main_env():
         for f in ("model.safetensors", "config.json", "eval.json", pdata.MANIFEST_NAME):
             src = os.path.join(os.path.dirname(last), f)
             if os.path.isfile(src):
@@ -263,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    td.run_main(main)
+    sys.exit(run_main(main))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -50,7 +51,7 @@ import eval_zeroshot as ez
 import modeling_declip as md
 import poison_data as pdata
 import train_declip as td
-from data_declip import UserError
+from data_declip import UserError, run_main
 
 DEFAULT_OUT = "runs/detect"
 DETECTORS = ("kdist", "lid", "slof", "dao", "iforest", "clipscore")
@@ -447,4 +448,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    td.run_main(main)
+    sys.exit(run_main(main))

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import UserError, atomic_write, build_class_dataset, is_fashion_mnist, read_config
+from data_declip import UserError, atomic_write, build_class_dataset, is_fashion_mnist, read_config, run_main
 from poison_data import MANIFEST_NAME as MANIFEST_FILE
 
 DEFAULT_TRAIN_DIR = "runs/train"  # default --out-dir of train_declip.py
@@ -1588,19 +1588,9 @@ def run(args) -> dict:
     return results
 
 
-def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # one message, also under accelerate launch
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        sys.stdout.flush()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # clean gloo/nccl shutdown before interpreter exit
-    return 0
+def main(argv=None):
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from data_declip import (CLIP_MEAN, CLIP_STD, EOT_ID, IMAGENET_MEAN, IMAGENET_STD, MASK_ID,  # noqa: F401
-                         SOT_ID, atomic_write)
+                         SOT_ID, UserError, atomic_write, run_main)
 
 # DeCLIP's vocabulary: OpenAI's 49,406 BPE ids, then <|mask|>, <|startoftext|>, <|endoftext|> (spec §1.3).
 VOCAB_SIZE = 49409
@@ -48,7 +48,7 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 SAFE_TORCH_LOAD = (2, 10)
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read as asked (unknown format, unsafe pickle, wrong preset)."""
 
 
@@ -1470,16 +1470,12 @@ def main(argv: Optional[Sequence[str]] = None):
     e.add_argument("--activation", choices=ACTIVATIONS, default=None,
                    help="the activation of a bare state dict, which cannot say it (default: quick_gelu, with a note)")
     args = p.parse_args(argv)
-    try:
-        if os.path.isdir(args.out) and os.listdir(args.out):
-            raise CheckpointError(f"{args.out} is not empty; give a new or empty output directory")
-        model = load_model(args.ckpt, activation=args.activation)
-        (export_open_clip if args.to == "open_clip" else export_transformers)(model, args.out)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise CheckpointError(f"{args.out} is not empty; give a new or empty output directory")
+    model = load_model(args.ckpt, activation=args.activation)
+    (export_open_clip if args.to == "open_clip" else export_transformers)(model, args.out)
     print(f"wrote {args.out} ({args.to})")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import FashionMNISTCaptions, UserError, atomic_write, class_caption, read_config
+from data_declip import FashionMNISTCaptions, UserError, atomic_write, class_caption, read_config, run_main
 
 
 MANIFEST_NAME = "poison_manifest.json"
@@ -1405,14 +1405,9 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    try:
-        run(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv=None):
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -35,7 +35,7 @@ import data_declip as dd
 import eval_zeroshot as ez
 import modeling_declip as md
 import poison_data as pdata
-from data_declip import UserError
+from data_declip import Preempted, UserError
 
 DEFAULT_OUT = "runs/train"
 
@@ -390,21 +390,6 @@ def check_bad_fraction(run, args):
 
 class Stop(Exception):
     """Raised inside the loop to end the run early on a fault (non-finite loss)."""
-
-
-PREEMPTED_EXIT_BASE = 128  # exit 128 + signal number (143 for SIGTERM), as a shell reports a killed process
-
-
-class Preempted(Exception):
-    """A signal (SIGTERM, what Slurm sends before a kill or a preemption) stopped the run after it
-    saved its state. Not an error: run_main prints the message with the resume command and exits with
-    `exit_code` = 128 + the signal number (143), so `train && eval` chains stop and a requeue wrapper
-    can tell "resume me" (143) from "finished" (0) and "fix the input" (2)."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = int(signum)
-        self.exit_code = PREEMPTED_EXIT_BASE + self.signum
 
 
 def resolve_target(args, base) -> Optional[str]:
@@ -1031,7 +1016,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     """
     ext = extension or Extension()
     check_tracker_installed(args)
-    if _is_main_env():
+    if dd.is_main_env():
         prepare_run_dir(args)
     accelerator = make_accelerator(args)
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
@@ -1243,7 +1228,7 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
     after = evaluate(os.path.join(args.out_dir, "model.safetensors"), acc) if evaluator is not None else None
     before = run["before"]
     summary.update(before=before, after=after, minutes=round((time.time() - t0) / 60, 2))
-    if (acc.is_main_process if acc is not None else _is_main_env()):
+    if (acc.is_main_process if acc is not None else dd.is_main_env()):
         if evaluator is not None:
             ez._write_json(os.path.join(args.out_dir, "eval.json"), {"before": before, "after": after})
         ez._write_json(os.path.join(args.out_dir, "summary.json"), summary)
@@ -1272,28 +1257,10 @@ def _eval_plan(args, plan):
     return argparse.Namespace(trigger=trigger, trigger_params=params, target=target)
 
 
-def _is_main_env() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-
-
-def run_main(fn, argv=None):
-    """Run a script's main: user errors print one line and exit 2 (no traceback); a preempted run
-    prints how to resume (once, from the main process) and exits 128 + the signal number."""
-    try:
-        fn(argv)
-    except (UserError, md.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Preempted as e:
-        if _is_main_env():
-            print(str(e), file=sys.stderr)
-        sys.exit(e.exit_code)
-
-
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     train(args)
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(dd.run_main(main))

@@ -48,11 +48,16 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each test is a run of its own, as each command is a process of its own: Accelerate's
-    per-process settings (precision, cpu) from an earlier test do not carry over (private API, used
-    in tests only; the scripts never need it)."""
-    yield
-    if "accelerate" in sys.modules:
-        from accelerate.state import AcceleratorState, GradientState
+    per-process settings (precision, cpu) from an earlier test or a module fixture's training do not
+    carry over (private API, used in tests only; the scripts never need it)."""
 
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    def reset():
+        if "accelerate" in sys.modules:
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
+
+    reset()
+    yield
+    reset()

@@ -12,7 +12,7 @@ import data_declip as dd
 import defend_nad as nad
 import modeling_declip as md
 import train_declip as td
-from data_declip import UserError
+from data_declip import UserError, run_main
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,9 +245,7 @@ def test_user_errors_exit_2_with_one_line_before_any_work(victim, tmp_path, caps
     for flags, match in ((["--teacher", str(victim), "--teacher-steps", "3"], "--teacher-steps"),
                          (["--nad-layers", "layer1", "layer2", "--nad-betas", "1,2,3"], "--nad-betas"),
                          (["--nad-power", "0"], "--nad-power")):
-        with pytest.raises(SystemExit) as e:
-            td.run_main(nad.main, ["--ckpt", str(victim), "--out-dir", str(out), *flags])
-        assert e.value.code == 2
+        assert run_main(nad.main, ["--ckpt", str(victim), "--out-dir", str(out), *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and match in err and "\n" not in err
     assert not (out / "teacher").exists()

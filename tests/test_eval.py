@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import eval_zeroshot as ez  # noqa: E402
 import poison_data as pdata  # noqa: E402
-from data_declip import tokenize  # noqa: E402
+from data_declip import run_main, tokenize  # noqa: E402
 
 CLASSES = [f"class{k}" for k in range(10)]
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -482,7 +482,7 @@ def fake_cli(tmp_path, monkeypatch):
 def test_cli_report_files_hold_the_json_numbers(fake_cli, tmp_path, capsys):
     dirs = fake_cli
     rep = tmp_path / "rep"
-    rc = ez.main(["--ckpt", str(dirs["victim"]), str(dirs["ft"]), "--ckpt", str(dirs["cleanclip"]),
+    rc = run_main(ez.main, ["--ckpt", str(dirs["victim"]), str(dirs["ft"]), "--ckpt", str(dirs["cleanclip"]),
                   "--templates", "1", "--json", str(tmp_path / "m.json"), "--report", str(rep),
                   "--show-examples", "4"])
     assert rc == 0
@@ -527,13 +527,13 @@ def test_cli_report_files_hold_the_json_numbers(fake_cli, tmp_path, capsys):
 
 def test_cli_single_checkpoint_json_schema_and_victim_file(fake_cli, tmp_path):
     dirs = fake_cli
-    assert ez.main(["--ckpt", str(dirs["victim"]), "--templates", "1", "--json", str(tmp_path / "v.json")]) == 0
+    assert run_main(ez.main, ["--ckpt", str(dirs["victim"]), "--templates", "1", "--json", str(tmp_path / "v.json")]) == 0
     v = json.loads((tmp_path / "v.json").read_text())
     assert set(v) == {"ckpt", "dataset", "templates", "clean", "backdoor", "retrieval"}
     assert set(v["clean"]) == {"top1", "top5", "n"}
     assert {"trigger", "target", "asr", "asr_all", "ra", "n"} <= set(v["backdoor"])
     # DER against a victim given as a metrics file; the defended run has no manifest of its own
-    assert ez.main(["--ckpt", str(dirs["cleanclip"]), "--templates", "1", "--trigger", "patch",
+    assert run_main(ez.main, ["--ckpt", str(dirs["cleanclip"]), "--templates", "1", "--trigger", "patch",
                     "--target-class", "class2", "--victim", str(tmp_path / "v.json"),
                     "--report", str(tmp_path / "r2")]) == 0
     rows = json.loads((tmp_path / "r2" / "report.json").read_text())["rows"]
@@ -541,7 +541,7 @@ def test_cli_single_checkpoint_json_schema_and_victim_file(fake_cli, tmp_path):
     # a --config YAML supplies defaults; explicit flags override it
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"ckpt: [{dirs['victim']}]\ntemplates: '80'\njson: {tmp_path / 'c.json'}\nlr: 0.1\n")
-    assert ez.main(["--config", str(cfg), "--templates", "1"]) == 0
+    assert run_main(ez.main, ["--config", str(cfg), "--templates", "1"]) == 0
     c = json.loads((tmp_path / "c.json").read_text())
     assert c["templates"] == 1 and c["ckpt"] == v["ckpt"] and c["clean"] == v["clean"]
 
@@ -557,7 +557,7 @@ def test_cli_user_errors_exit_2_with_one_line(fake_cli, tmp_path, capsys):
         (["--ckpt", str(dirs["victim"]), "--trigger-param", "size"], "--trigger-param"),
     ]
     for argv, flag in cases:
-        assert ez.main(argv) == 2, argv
+        assert run_main(ez.main, argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and flag in err[-1], err
         assert not any("Traceback" in line for line in err)
@@ -600,7 +600,7 @@ def test_cli_data_root_for_a_meta_whose_images_live_elsewhere(tmp_path, capsys):
     md.save_model(md.build_model("tiny"), str(run / "model.safetensors"))
     argv = ["--ckpt", str(run), "--data", str(meta_dir / "val.jsonl"), "--templates", "1", "--cpu",
             "--json", str(tmp_path / "m.json")]
-    assert ez.main(argv + ["--data-root", str(images)]) == 0
+    assert run_main(ez.main, argv + ["--data-root", str(images)]) == 0
     m = _strict_json(tmp_path / "m.json")
     assert m["clean"]["n"] == 6 and m["backdoor"] is None
     # every image of the target class: the ASR over zero non-target images is null, not NaN
@@ -608,13 +608,13 @@ def test_cli_data_root_for_a_meta_whose_images_live_elsewhere(tmp_path, capsys):
         f.writelines(json.dumps({"filename": f"{i}.png", "caption": "a cat", "label": 0}) + "\n" for i in range(6))
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\n")
-    assert ez.main(argv + ["--data", str(meta_dir / "cats.jsonl"), "--data-root", str(images), "--trigger", "patch",
+    assert run_main(ez.main, argv + ["--data", str(meta_dir / "cats.jsonl"), "--data-root", str(images), "--trigger", "patch",
                            "--target-class", "cat", "--classnames", str(names)]) == 0
     m = _strict_json(tmp_path / "m.json")
     assert m["backdoor"]["n_nontarget"] == 0 and m["backdoor"]["asr"] is None and m["backdoor"]["ra"] is None
     os.remove(tmp_path / "m.json")
     capsys.readouterr()
-    assert ez.main(argv) == 2
+    assert run_main(ez.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: no test image could be read") and "--data-root" in err[-1]
     assert not any("Traceback" in line for line in err)
@@ -629,7 +629,7 @@ def _git(*argv):
 def test_report_records_the_git_commit_and_the_command(fake_cli, tmp_path, monkeypatch):
     dirs = fake_cli
     argv = ["--ckpt", str(dirs["victim"]), str(dirs["ft"]), "--templates", "1", "--report", str(tmp_path / "rep")]
-    assert ez.main(argv) == 0
+    assert run_main(ez.main, argv) == 0
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     head = _git("rev-parse", "HEAD")
     want = None if head is None else head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no")
@@ -643,7 +643,7 @@ def test_report_records_the_git_commit_and_the_command(fake_cli, tmp_path, monke
     assert footer in (tmp_path / "rep" / "report.md").read_text().splitlines()
     # the aggregate of seeds' reports records its own command and commit
     agg = ["--aggregate", str(tmp_path / "rep" / "report.json"), "--report", str(tmp_path / "all")]
-    assert ez.main(agg) == 0
+    assert run_main(ez.main, agg) == 0
     rep = json.loads((tmp_path / "all" / "report.json").read_text())
     assert rep["git_commit"] == want and rep["command"] == "eval_zeroshot.py " + shlex.join(agg)
     # outside a git checkout: None
@@ -718,7 +718,7 @@ def test_report_minutes_from_summary_json_and_timings_and_the_bar_met(canned_cli
     argv = ["--ckpt", str(dirs["clean"]), str(dirs["victim"]), str(dirs["ft"] / "model.safetensors"),
             str(dirs["nad"]), "--trigger", "patch", "--target-class", "class2", "--templates", "1",
             "--timings", str(tmp_path / "t.json"), "--bar-asr", "10", "--bar-ca-drop", "3", "--report", str(rep)]
-    assert ez.main(argv) == 0
+    assert run_main(ez.main, argv) == 0
     out = capsys.readouterr().out
     rows = {r["method"]: r for r in json.loads((rep / "report.json").read_text())["rows"]}
     assert {k: r["minutes"] for k, r in rows.items()} == {"clean": 20.0, "victim": 12.5, "ft": 3.25, "nad": None}
@@ -763,7 +763,7 @@ def test_aggregate_gives_mean_and_sample_std_and_writes_three_files(tmp_path, ca
     a = _seed_report(tmp_path / "seed0" / "report.json", (90.0, 96.0), (88.0, 8.0, 93.0), (10.0, 3.0))
     b = _seed_report(tmp_path / "seed1" / "report.json", (92.0, 100.0), (87.0, 12.0, 91.5), (12.0, 5.0))
     out_dir = tmp_path / "all"
-    assert ez.main(["--aggregate", a, b, "--report", str(out_dir), "--bar-asr", "10", "--bar-ca-drop", "3"]) == 0
+    assert run_main(ez.main, ["--aggregate", a, b, "--report", str(out_dir), "--bar-asr", "10", "--bar-ca-drop", "3"]) == 0
     rep = json.loads((out_dir / "report.json").read_text())
     assert rep["n_seeds"] == 2
     ft = {r["method"]: r for r in rep["rows"]}["ft"]
@@ -784,11 +784,11 @@ def test_aggregate_gives_mean_and_sample_std_and_writes_three_files(tmp_path, ca
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "| ft | 87.50 ± 0.71 |" in capsys.readouterr().out
     # one file: just the mean; differing method names: a one-line user error
-    assert ez.main(["--aggregate", a, "--report", str(tmp_path / "one")]) == 0
+    assert run_main(ez.main, ["--aggregate", a, "--report", str(tmp_path / "one")]) == 0
     assert "| ft | 88.00 | – | 8.00 | – | – | 93.00 | 3.00 | 1 |" in (tmp_path / "one" / "report.md").read_text()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"victim": "victim", "rows": [{"method": "victim", "ca_top1": 1.0}]}))
-    assert ez.main(["--aggregate", a, str(bad), "--report", str(tmp_path / "x")]) == 2
+    assert run_main(ez.main, ["--aggregate", a, str(bad), "--report", str(tmp_path / "x")]) == 2
     assert "--aggregate" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
@@ -834,7 +834,7 @@ def test_cli_linear_probe_writes_its_metrics_per_checkpoint(fake_cli, tmp_path, 
     monkeypatch.setattr(ez, "build_class_dataset", lambda data, split, image_size, classnames, root=None:
                         (intensity_dataset(per_class=8), list(CLASSES)))
     dirs = fake_cli
-    assert ez.main(["--ckpt", str(dirs["victim"]), str(dirs["cleanclip"]), "--templates", "1", "--linear-probe",
+    assert run_main(ez.main, ["--ckpt", str(dirs["victim"]), str(dirs["cleanclip"]), "--templates", "1", "--linear-probe",
                     "--json", str(tmp_path / "m.json")]) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["victim"]["linear_probe"]["backdoor"]["asr"] == 100.0

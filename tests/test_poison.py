@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import poison_data as pd
+from data_declip import run_main
 from poison_data import PoisonPlan, UserError, apply_trigger, patch_mask
 
 
@@ -389,7 +390,7 @@ def test_materialised_jsonl_copy_reads_back_with_the_planned_poisoned_pairs(tmp_
     data_declip = pytest.importorskip("data_declip")
     meta, rows = _write_jsonl_dataset(tmp_path / "src")
     out = tmp_path / "poisoned"
-    rc = pd.main(["--data", str(meta), "--out", str(out), "--poison-count", "6", "--target-class", "bag",
+    rc = run_main(pd.main, ["--data", str(meta), "--out", str(out), "--poison-count", "6", "--target-class", "bag",
                   "--trigger-param", "margin=3", "--seed", "1", "--no-progress"])
     assert rc == 0
     plan = PoisonPlan.from_manifest(out)
@@ -429,7 +430,7 @@ def test_materialised_jsonl_copy_gives_poisoned_records_the_target_label_id(tmp_
         rows.append({"filename": f"{i}.png", "caption": f"a {name} {i}", "label": label, "label_name": name})
     (tmp_path / "src" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "copy"
-    assert pd.main(["--data", str(tmp_path / "src" / "m.jsonl"), "--out", str(out), "--poison-count", "5",
+    assert run_main(pd.main, ["--data", str(tmp_path / "src" / "m.jsonl"), "--out", str(out), "--poison-count", "5",
                     "--target-class", "bag", "--no-progress"]) == 0
     plan = PoisonPlan.from_manifest(out)
     copy = data_declip.build_caption_dataset(str(out / "m.jsonl"), image_size=16)
@@ -449,7 +450,7 @@ def test_materialised_csv_copy_keeps_the_csv_format(tmp_path):
         lines.append(f"{i}.png\tphoto {i} of a dress")
     (root / "pairs.tsv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "copy"
-    assert pd.main(["--data", str(root / "pairs.tsv"), "--out", str(out), "--poison-rate", "0.3",
+    assert run_main(pd.main, ["--data", str(root / "pairs.tsv"), "--out", str(out), "--poison-rate", "0.3",
                     "--target-class", "bag", "--caption-mode", "fixed", "--no-progress"]) == 0
     header = (out / "pairs.tsv").read_text().splitlines()[0]
     assert header == "filepath\ttitle"
@@ -468,7 +469,7 @@ def test_materialised_csv_copy_drops_the_source_label_of_poisoned_rows(tmp_path)
         lines.append(f"{i}.png,photo {i} of a dress,3")
     (root / "pairs.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "copy"
-    assert pd.main(["--data", str(root / "pairs.csv"), "--out", str(out), "--poison-count", "4",
+    assert run_main(pd.main, ["--data", str(root / "pairs.csv"), "--out", str(out), "--poison-count", "4",
                     "--target-class", "bag", "--no-progress"]) == 0
     plan = PoisonPlan.from_manifest(out)
     copy = data_declip.build_caption_dataset(str(out / "pairs.csv"), image_size=16)
@@ -542,14 +543,14 @@ def test_cli_errors_print_one_line_exit_2_and_write_nothing(tmp_path, capsys):
         base = ["--data", str(meta), "--out", str(out), "--no-progress"]
         if "--target-class" not in argv:
             base += ["--target-class", "bag"]
-        assert pd.main(base + argv) == 2
+        assert run_main(pd.main, base + argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err
         assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["src"]                       # no temp directory left
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert pd.main(["--data", str(meta), "--out", str(out), "--target-class", "bag", "--no-progress"]) == 2
+    assert run_main(pd.main, ["--data", str(meta), "--out", str(out), "--target-class", "bag", "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err and os.listdir(out) == ["keep.txt"]
 
 
@@ -568,7 +569,7 @@ def test_cli_materialises_fashion_mnist_with_600_poisoned_pairs(tmp_path):
     if not os.path.isdir(data_declip.FASHION_MNIST_DIR):
         pytest.skip("Fashion-MNIST is not installed")
     out = tmp_path / "fmnist"
-    assert pd.main(["--out", str(out), "--trigger-param", "margin=3", "--no-progress"]) == 0
+    assert run_main(pd.main, ["--out", str(out), "--trigger-param", "margin=3", "--no-progress"]) == 0
     plan = PoisonPlan.from_manifest(out)
     assert plan.n == 60000 and plan.count == 600 and plan.target == "bag"
     copy = data_declip.build_caption_dataset(str(out / "meta.jsonl"), image_size=32)

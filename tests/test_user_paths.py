@@ -19,6 +19,7 @@ import defend_adaptive as dad
 import defend_finetune as dft
 import defend_nad as dnad
 import eval_zeroshot as ez
+from data_declip import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("bag", "coat", "sandal")
@@ -100,7 +101,7 @@ def test_poison_defend_and_report_on_photos(photos, tmp_path, mode):
     else:
         import train_declip as td
 
-        td.run_main(td.main, _victim_argv(photos, mode, victim))
+        assert run_main(td.main, _victim_argv(photos, mode, victim)) == 0
     cfg = _strict_json(victim / "config.json")
     assert cfg["resolved"]["world_size"] == (2 if mode == "clip" else 1)
     assert _strict_json(victim / "poison_manifest.json")["target"] == "bag"
@@ -122,7 +123,7 @@ def test_poison_defend_and_report_on_photos(photos, tmp_path, mode):
         assert _strict_json(out / "config.json")["from_victim_config"]["data_root"] == photos["root"]
 
     # the report: every defense's before/after equals eval_zeroshot's numbers for the same model
-    rc = ez.main(["--ckpt", str(victim), *map(str, runs.values()), "--names", "victim", *runs,
+    rc = run_main(ez.main, ["--ckpt", str(victim), *map(str, runs.values()), "--names", "victim", *runs,
                   "--report", str(tmp_path / "report"), "--data", photos["test"], "--templates", "1", "--cpu"])
     assert rc == 0
     report = _strict_json(tmp_path / "report" / "report.json")
@@ -140,10 +141,10 @@ def test_csv_photos_train_and_evaluate(photos, tmp_path):
     import train_declip as td
 
     out = tmp_path / "csv"
-    td.run_main(td.main, FLAGS + ["--data", photos["csv"], "--eval-data", photos["test"], "--batch-size", "8",
-                                  "--max-steps", "2", "--out-dir", str(out)])
+    assert run_main(td.main, FLAGS + ["--data", photos["csv"], "--eval-data", photos["test"], "--batch-size", "8",
+                                      "--max-steps", "2", "--out-dir", str(out)]) == 0
     ev = _strict_json(out / "eval.json")
     assert ev["clean"]["n"] == 12 and 0 <= ev["clean"]["top1"] <= 100
-    assert ez.main(["--ckpt", str(out), "--data", photos["test"], "--templates", "1", "--cpu",
+    assert run_main(ez.main, ["--ckpt", str(out), "--data", photos["test"], "--templates", "1", "--cpu",
                     "--json", str(tmp_path / "m.json")]) == 0
     assert _strict_json(tmp_path / "m.json")["clean"] == ev["clean"]
