@@ -359,13 +359,7 @@ class AdaptiveExtension(nad.NADExtension):
             clean = [sub[key] for key in ("images", "images2") if sub.get(key) is not None]
             views = mi_fgsm(teacher_loss_fn(self.teacher, sub, self.autocast, self.attack_weights), clean,
                             **self.attack)
-        out = append_rows(inputs, sel, views, index, self.mask_duplicates)
-        x = inputs["images"]
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            for key in ("images", "images2"):  # keep train()'s channels-last layout
-                if out.get(key) is not None:
-                    out[key] = out[key].contiguous(memory_format=torch.channels_last)
-        return out
+        return append_rows(inputs, sel, views, index, self.mask_duplicates)
 
 
 # ----------------------------------------------------------------------------------------------

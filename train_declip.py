@@ -830,13 +830,14 @@ def count_batch(batch: dict, run: RunState, args, world: int, cpu_group) -> int:
 
 
 def step_inputs(ext: Extension, batch: dict, b: int, g: torch.Generator, views, channels_last: bool) -> dict:
-    """A step's model inputs: the extension's (by default the loop's views), in the model's layout."""
-    inputs = ext.make_inputs(batch, b, g, views)
+    """A step's model inputs: the extension's (by default the loop's views, then its extra rows), in the
+    model's memory layout."""
+    inputs = ext.extend_batch(ext.make_inputs(batch, b, g, views), batch, g)
     if channels_last:
         for k in ("images", "images2"):
-            if k in inputs:
+            if inputs.get(k) is not None:
                 inputs[k] = inputs[k].contiguous(memory_format=torch.channels_last)
-    return ext.extend_batch(inputs, batch, g)
+    return inputs
 
 
 def set_lr(opt, lr: float) -> float:
