@@ -3,10 +3,13 @@
     python bench_declip.py                                   # tiny, CLIP + DeCLIP modes, fp32 + bf16, CPU
     python bench_declip.py --presets rn50 --batch-size 128 --precisions bf16 --json bench.json   # on a GPU
     python bench_declip.py --compare-open-clip               # tiny CLIP mode vs. open_clip's model + loss
+    python bench_declip.py --presets rn50 --loader --loader-workers 0 2 4   # the data path on JPEGs, per worker
 
 Training steps run the real objective (forward, backward, AdamW step, logit-scale clamp) on
 synthetic inputs already on the device, optionally with the batched MoCo-v2 augmentation
-(`--augment`); data loading is not measured. MFU = model FLOPs per sample (counted from the model
+(`--augment`); data loading is measured apart with `--loader`: train_declip's own loader (JPEG
+decode, resize, captions, EDA in DeCLIP mode, collation) over generated JPEG photos of 224-500 px
+(or --loader-dir's), images/s with each worker count, beside the step's images/s. MFU = model FLOPs per sample (counted from the model
 configuration by modeling_declip.estimate_flops) x images/s / the device's peak. The CPU peak is
 measured here with a large matmul in the same precision; for GPUs a table of dense peaks is used
 (override with --peak-tflops). On the CPU the allocator is set up as training sets it up
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import time
 
@@ -191,6 +195,95 @@ def bench_open_clip(precision, batch, steps, warmup, device, text_len):
     return batch * steps / (time.perf_counter() - t)
 
 
+def write_jpeg_photos(out_dir: str, n: int, seed: int = 0, sizes=(224, 500)) -> str:
+    """n JPEG photos (quality 90) with a side length uniform in `sizes` each way, and their JSONL meta; the
+    content (smooth colour fields, shapes and mild noise) compresses like photos, not like pure noise."""
+    import json as _json
+    import os
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        phase = rng.uniform(0, 2 * np.pi, size=3)
+        field = np.stack([127 + 100 * np.sin(xx / rng.uniform(20, 80) + yy / rng.uniform(20, 80) + p) for p in phase], -1)
+        img = Image.fromarray(np.clip(field + rng.normal(0, 8, field.shape), 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(4):
+            x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+            draw.ellipse([x0, y0, x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))],
+                         fill=tuple(int(c) for c in rng.integers(0, 256, size=3)))
+        name = f"{i:05d}.jpg"
+        img.save(os.path.join(out_dir, name), quality=90)
+        lines.append(_json.dumps({"filename": name, "caption": f"a photo of a round thing number {i} in colour"}))
+    meta = os.path.join(out_dir, "meta.jsonl")
+    with open(meta, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return meta
+
+
+def bench_loader(preset, mode, batch, workers, device, photo_dir) -> dict:
+    """One pass of train_declip's training loader (built by its build_data, as train() builds it) over
+    the photos in photo_dir: images/s after the first batch (worker start-up excluded)."""
+    import types
+
+    args = td.parse_args(td.build_parser(), [
+        "--data", f"{photo_dir}/meta.jsonl", "--data-root", photo_dir, "--model", preset, "--mode", mode,
+        "--batch-size", str(batch), "--workers", str(workers), "--epochs", "1", "--no-eval"])
+    cfg = md.get_config(preset)
+    accelerator = types.SimpleNamespace(device=device, process_index=0, num_processes=1)
+    data = td.build_data(args, cfg, td.Extension(), accelerator)
+    it = iter(data.loader)
+    n = next(it)["images"].shape[0]
+    t, images = time.perf_counter(), 0
+    for _ in range(data.steps_per_epoch - 1):
+        images += next(it)["images"].shape[0]
+    dt = time.perf_counter() - t
+    del it
+    return dict(images=n + images, timed_images=images, img_s=images / max(dt, 1e-9))
+
+
+def run_loader_bench(args, device, step_rows: list) -> list:
+    """The --loader rows: per preset and mode, the loader's images/s with each worker count, and the
+    workers the measured training step needs to be fed (its images/s over the best rate per worker)."""
+    import contextlib
+    import os
+    import tempfile
+
+    rows = []
+    with contextlib.ExitStack() as stack:
+        photo_dir = args.loader_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        if not os.path.isfile(os.path.join(photo_dir, "meta.jsonl")):
+            t = time.perf_counter()
+            write_jpeg_photos(photo_dir, args.loader_images)
+            print(f"wrote {args.loader_images} JPEG photos of 224-500 px in {time.perf_counter() - t:.0f} s "
+                  f"({photo_dir})")
+        print(f"{'preset':9} {'mode':7} {'workers':>7} {'loader img/s':>12} {'per worker':>10}")
+        for preset in args.presets:
+            for mode in args.modes:
+                mine = []
+                for w in args.loader_workers:
+                    r = bench_loader(preset, mode, args.batch_size, w, device, photo_dir)
+                    per = r["img_s"] / max(1, w)  # 0 workers: the main process loads, one core
+                    mine.append(dict(preset=preset, mode=f"loader-{mode}", workers=w, batch=args.batch_size,
+                                     images=r["images"], loader_img_s=round(r["img_s"], 1),
+                                     per_worker_img_s=round(per, 1)))
+                    print(f"{preset:9} {mode:7} {w:7d} {r['img_s']:12.1f} {per:10.1f}", flush=True)
+                rows += mine
+                steps = [r["train_img_s"] for r in step_rows if r.get("preset") == preset and r.get("mode") == mode]
+                if steps:
+                    per = max(r["per_worker_img_s"] for r in mine)
+                    need = math.ceil(max(steps) / per)
+                    print(f"  {preset} {mode}: the step trains {max(steps):.0f} img/s; at {per:.0f} img/s per "
+                          f"worker the loader needs {need} worker{'s' if need != 1 else ''} to keep up")
+    return rows
+
+
 def _peak_mem(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -216,6 +309,13 @@ def main(argv=None):
                    help="after each training measurement, print the operators/kernels that take the most time")
     p.add_argument("--default-malloc", action="store_true",
                    help="on the CPU, keep glibc's default allocator settings instead of the training loop's")
+    p.add_argument("--loader", action="store_true",
+                   help="also time the training data loader on JPEG photos (see --loader-*) beside the step")
+    p.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to time")
+    p.add_argument("--loader-images", type=int, default=2000, help="JPEG photos to generate for --loader")
+    p.add_argument("--loader-dir", default=None,
+                   help="directory of the photos (default: a temporary one); generated there when it has no "
+                        "meta.jsonl, else its meta.jsonl (filename, caption) is read as it is")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -256,6 +356,8 @@ def main(argv=None):
             rows.append(dict(preset="tiny", mode="clip-vs-open_clip", precision=prec, ours_img_s=round(ours, 1),
                              open_clip_img_s=round(theirs, 1), ratio=round(ours / theirs, 3), device=name))
             print(f"tiny CLIP {prec}: ours {ours:.1f} img/s, open_clip {theirs:.1f} img/s, ratio {ours / theirs:.2f}")
+    if args.loader:
+        rows += run_loader_bench(args, device, rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -22,3 +22,25 @@ def test_benchmark_rows_carry_the_model_flops_and_a_consistent_mfu(tmp_path, cap
     printed = capsys.readouterr().out
     assert "DeCLIP/CLIP time per image" in printed
     assert printed.count("-- profile: tiny") == 2 and "aten::" in printed
+
+
+def test_loader_benchmark_times_the_training_loader_on_generated_jpeg_photos(tmp_path, capsys):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    argv = ["--cpu", "--steps", "1", "--warmup", "1", "--batch-size", "8", "--precisions", "fp32", "--loader",
+            "--loader-images", "24", "--loader-workers", "0", "1", "--loader-dir", str(photos)]
+    rows = bench.main(argv)
+    loader = [r for r in rows if r["mode"].startswith("loader-")]
+    assert [(r["mode"], r["workers"]) for r in loader] == [("loader-clip", 0), ("loader-clip", 1),
+                                                           ("loader-declip", 0), ("loader-declip", 1)]
+    for r in loader:  # one pass: 3 whole batches of 8, the first untimed
+        assert r["images"] == 24 and r["loader_img_s"] > 0
+        assert abs(r["per_worker_img_s"] - r["loader_img_s"] / max(1, r["workers"])) <= 0.1
+    sizes = [Image.open(p).size for p in sorted(photos.glob("*.jpg"))]
+    assert len(sizes) == 24 and all(224 <= s <= 500 for wh in sizes for s in wh)
+    assert Image.open(photos / "00000.jpg").format == "JPEG"
+    printed = capsys.readouterr().out
+    assert "wrote 24 JPEG photos" in printed and printed.count("the loader needs") == 2
+    bench.main(argv[:-2] + ["--loader-dir", str(photos), "--modes", "clip"])  # a directory with meta.jsonl is reused
+    assert "wrote" not in capsys.readouterr().out
