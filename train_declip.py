@@ -462,7 +462,7 @@ def prepare_run_dir(args):
         raise UserError(f"--out-dir {out} already holds {what}; pass --overwrite to replace it")
     if args.overwrite and os.path.isdir(out):
         for name in ("state", "state.old", "state.tmp", "model.safetensors", "metrics.jsonl",
-                     "config.json", "poison_manifest.json", "eval.json", "summary.json"):
+                     "config.json", "poison_manifest.json", "eval.json", "summary.json", EVAL_CACHE_DIR):
             path = os.path.join(out, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -1170,6 +1170,73 @@ def clean_subset(n: int, fraction: float, poisoned: Sequence[int], seed: int) ->
     return sorted(pool[torch.randperm(len(pool), generator=g)[:min(k, len(pool))]].tolist())
 
 
+EVAL_CACHE_DIR = "eval_cache"
+
+
+def files_stamp(path: Optional[str]) -> list:
+    """(relative path, size, mtime) of a file, of every file under a directory or matching a glob
+    pattern; a changed, added or removed file changes it. None: the embedded Fashion-MNIST's directory."""
+    import glob
+
+    path = dd.fashion_mnist_dir() if path is None or dd.is_fashion_mnist(path) else path
+    if not os.path.isdir(path):
+        return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(glob.glob(path)) if os.path.isfile(f)]
+    stamp = []
+    for d, _, names in os.walk(path):
+        for name in names:
+            st = os.stat(os.path.join(d, name))
+            stamp.append([os.path.relpath(os.path.join(d, name), path), st.st_size, st.st_mtime_ns])
+    return sorted(stamp)
+
+
+def evaluation_key(weights: str, eval_args, plan) -> str:
+    """What an evaluation's numbers depend on, hashed: the weights' bytes, the test set's files and its
+    preprocessing flags, the templates, the precision, the trigger and target, and the code that
+    evaluates (a changed evaluation is never served from an old result)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    flags = ("data", "data_root", "image_column", "caption_column", "csv_separator", "holdout", "eval_data",
+             "eval_data_root", "templates", "eval_bf16")
+    test_data = eval_args.data if eval_args.holdout else eval_args.eval_data
+    test_root = eval_args.data_root if eval_args.holdout else eval_args.eval_data_root
+    h.update(json.dumps({"flags": {k: getattr(eval_args, k, None) for k in flags},
+                         "plan": vars(plan) if plan is not None else None,
+                         "files": [files_stamp(test_data), files_stamp(test_root) if test_root else None]},
+                        sort_keys=True, default=str).encode())
+    for module in (ez, dd, md, pdata):
+        with open(module.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:32]
+
+
+def cached_evaluation(weights: str, key: str, evaluate: Callable[[], dict], accelerator) -> dict:
+    """evaluate(), or the result an earlier run saved for the same key in the weights' directory
+    (EVAL_CACHE_DIR): each defense of a victim evaluates the same victim "before". Every process
+    evaluates unless every process found the result, so a launch never splits."""
+    path = os.path.join(os.path.dirname(os.path.abspath(weights)), EVAL_CACHE_DIR, key + ".json")
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        found = None
+    hit = torch.tensor([int(found is not None)], device=accelerator.device)
+    if int(accelerator.gather(hit).min()):
+        if accelerator.is_main_process:
+            print(f"the victim's evaluation: {path} (same weights, test set and code)")
+        return found
+    res = evaluate()
+    if accelerator.is_main_process:
+        try:
+            dd.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(res, indent=2)))
+        except OSError as e:  # a read-only victim directory: the next defense evaluates again
+            print(f"note: the victim's evaluation is not cached ({e})")
+    return res
+
+
 def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> dict:
     """Evaluate the victim, train it with the defense's extension on the clean set, evaluate again and
     print one line with clean accuracy and ASR before and after.
@@ -1221,7 +1288,8 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
     def before_loop(accelerator):
         run["accelerator"] = accelerator
         if evaluator is not None and before is None:
-            run["before"] = evaluate(weights, accelerator)
+            run["before"] = cached_evaluation(weights, evaluation_key(weights, eval_args, eval_plan),
+                                              lambda: evaluate(weights, accelerator), accelerator)
 
     summary = train(argparse.Namespace(**{**vars(args), **train_args}), extension, train_indices=indices,
                     record=record, before_loop=before_loop)

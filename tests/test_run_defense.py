@@ -5,6 +5,7 @@ evaluation; the victim's data flags come from its config.json unless given."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,6 +80,7 @@ def eval_mode_inputs(monkeypatch):
 
 def test_defense_after_equals_eval_zeroshot_json_on_non_square_photos(victim, photos, tmp_path, eval_mode_inputs):
     out = tmp_path / "ft"
+    shutil.rmtree(victim / td.EVAL_CACHE_DIR, ignore_errors=True)  # the victim's "before" is evaluated here
     # bf16 training: the evaluation stays fp32 (the precision rule), as eval_zeroshot.py's default
     summary = dft.main(defense_argv(victim, out, "--precision", "bf16"))
     defense_inputs = list(eval_mode_inputs)
@@ -208,6 +210,7 @@ TWO_PROC = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_processes_each_evaluate_their_share_and_agree_with_eval_zeroshot(victim, photos, tmp_path):
     out = tmp_path / "ft2"
+    shutil.rmtree(victim / td.EVAL_CACHE_DIR, ignore_errors=True)  # both evaluations run, each process its share
     script = tmp_path / "two.py"
     script.write_text(TWO_PROC.format(root=ROOT, argv=defense_argv(victim, out, "--precision", "no"),
                                       out=str(tmp_path)))
@@ -240,3 +243,26 @@ def test_run_defense_leaves_the_callers_flags_as_they_were(victim, tmp_path):
     assert vars(args) == given
     cfg = json.load(open(tmp_path / "ft" / "config.json"))
     assert cfg["init_from"] == str(victim / "model.safetensors") and cfg["poison_rate"] is None and cfg["no_eval"]
+
+
+def test_the_victims_evaluation_runs_once_for_all_its_defenses(victim, photos, tmp_path, monkeypatch):
+    """Every defense of a victim evaluates the same victim "before": a later defense reads the earlier one's
+    result; other templates, a touched test image or other weights evaluate again."""
+    shutil.rmtree(victim / td.EVAL_CACHE_DIR, ignore_errors=True)
+    calls = []
+    evaluate = td.EvalHook.__call__
+    monkeypatch.setattr(td.EvalHook, "__call__",
+                        lambda self, model, acc=None: calls.append(1) or evaluate(self, model, acc))
+    first = dft.main(defense_argv(victim, tmp_path / "ft", "--precision", "no"))
+    assert len(calls) == 2  # before and after
+    second = dft.main(defense_argv(victim, tmp_path / "cc", "--precision", "no", "--method", "cleanclip"))
+    assert len(calls) == 3 and second["before"] == first["before"]
+    dft.main(defense_argv(victim, tmp_path / "t7", "--precision", "no", "--templates", "7"))
+    assert len(calls) == 5
+    image = os.path.join(photos, "bag", "0.png")
+    st = os.stat(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    third = dft.main(defense_argv(victim, tmp_path / "touched", "--precision", "no"))
+    assert len(calls) == 7 and third["before"] == first["before"]  # evaluated again: same numbers
+    dft.main(defense_argv(tmp_path / "ft", tmp_path / "of-ft", "--precision", "no"))  # another victim
+    assert len(calls) == 9
