@@ -130,6 +130,24 @@ def run_main(main: Callable, argv: Optional[Sequence[str]] = None) -> int:
             torch.distributed.destroy_process_group()  # a clean gloo/NCCL shutdown before the interpreter exits
 
 
+def add_caption_data_args(g):
+    """--data and its format flags, the same in every script that reads caption data."""
+    g.add_argument("--data", default=None,
+                   help="caption data: none = embedded Fashion-MNIST; a .jsonl/.json meta, .csv/.tsv, "
+                        "webdataset .tar shards ('shards-{000..009}.tar'), a Hugging Face dataset dir or .parquet")
+    g.add_argument("--data-root", default=None, help="directory the image paths of a meta/CSV file are relative to")
+    g.add_argument("--image-column", default=None, help="image column of CSV/TSV/HF data (default: auto)")
+    g.add_argument("--caption-column", default=None, help="caption column of CSV/TSV/HF data (default: auto)")
+    g.add_argument("--csv-separator", default=None, help="CSV separator (default: from the extension)")
+
+
+def caption_data_options(args) -> dict:
+    """build_caption_dataset's format options from add_caption_data_args' flags (those given)."""
+    fmt = dict(root=args.data_root, image_column=args.image_column, caption_column=args.caption_column,
+               separator=args.csv_separator, label_column=getattr(args, "label_column", None))
+    return {k: v for k, v in fmt.items() if v is not None}
+
+
 def read_config(path: str, parser, sections: Sequence[str] = (), strict: bool = False) -> dict:
     """Flag defaults from a YAML --config file: its top-level scalar keys, overridden by the first of
     `sections` that is present (a mapping), keys read with '-' as '_'. Keys that are not flags of

@@ -39,7 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import FashionMNISTCaptions, UserError, atomic_write, class_caption, read_config, run_main
+import data_declip
+from data_declip import (FASHION_MNIST_CLASSES, FashionMNISTCaptions, UserError, atomic_write, class_caption,
+                         read_config, run_main)
 
 
 MANIFEST_NAME = "poison_manifest.json"
@@ -1292,34 +1294,43 @@ def write_preview(images: Sequence[torch.Tensor], path: str, extra: tuple | None
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
+def default_target(target: str | None, dataset) -> str:
+    """--target-class, else the default: 'bag' on the embedded Fashion-MNIST, the original attack's
+    'tiger cat' on any other data."""
+    if target is not None:
+        return target
+    return DEFAULT_TARGET["fashion-mnist" if getattr(dataset, "classnames", None) == FASHION_MNIST_CLASSES
+                          else "imagenet"]
+
+
+def add_poison_args(g):
+    """The poisoning flags, the same in training and in this script."""
+    g.add_argument("--poison-rate", type=float, default=None,
+                   help="fraction of training pairs to poison, in [0, 1] (count = int(rate * n))")
+    g.add_argument("--poison-count", type=int, default=None, help="number of training pairs to poison")
+    g.add_argument("--trigger", default="patch", help=f"trigger: {', '.join(TRIGGERS)} (default: patch)")
+    g.add_argument("--trigger-param", action="append", default=[], metavar="K=V",
+                   help="trigger parameter, repeatable (e.g. margin=3, fill=white, delta=20/255)")
+    g.add_argument("--target-class", default=None,
+                   help="class name the backdoor maps to (default: 'bag' on Fashion-MNIST, 'tiger cat' otherwise)")
+    g.add_argument("--caption-mode", default="templates", choices=CAPTION_MODES,
+                   help="poisoned captions: one of the 80 templates with the target (default), a fixed caption, "
+                        "or label-consistent (only pairs already naming the target get the trigger)")
+    g.add_argument("--fixed-caption", default=None,
+                   help=f"caption of --caption-mode fixed ({{target}} = the class; default {DEFAULT_FIXED_CAPTION!r})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Write a poisoned copy of a caption dataset (BadNets-style backdoor) and/or a preview "
                     "of the triggers.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of defaults (keys = flag names); flags override it")
-    p.add_argument("--data", default=None, help="caption data: fashion-mnist (default, embedded), .jsonl/.json, "
-                   ".csv/.tsv, .tar shards, a save_to_disk directory or .parquet")
-    p.add_argument("--data-root", default=None, help="image root for relative paths in a meta file")
-    p.add_argument("--image-column", default=None, help="image-path field of a meta file (auto-detected)")
-    p.add_argument("--caption-column", default=None, help="caption field of a meta file (auto-detected)")
+    data_declip.add_caption_data_args(p)
     p.add_argument("--label-column", default=None, help="label field of a meta file (default: label)")
     p.add_argument("--out", "--out-dir", dest="out", default=None,
                    help="output directory of the poisoned copy (must not exist or be empty)")
-    p.add_argument("--poison-rate", type=float, default=None,
-                   help="fraction of pairs to poison (count = int(rate * n)); default 0.01 unless --poison-count")
-    p.add_argument("--poison-count", type=int, default=None, help="number of pairs to poison (instead of a rate)")
-    p.add_argument("--target-class", default=None,
-                   help=f"class name the poisoned captions name (default for Fashion-MNIST: "
-                        f"{DEFAULT_TARGET['fashion-mnist']!r}; required for other data)")
-    p.add_argument("--trigger", default="patch", help=f"trigger to apply: {', '.join(TRIGGERS)}")
-    p.add_argument("--trigger-param", action="append", default=[], metavar="K=V",
-                   help="trigger parameter, repeatable (e.g. margin=3, fill=white, delta=20/255)")
+    add_poison_args(p)  # here --poison-rate defaults to 0.01 when neither it nor --poison-count is given
     p.add_argument("--trigger-image", default=None, help="pattern image file of the blended trigger")
-    p.add_argument("--caption-mode", default="templates",
-                   help="templates: one of the 80 ImageNet prompts with the target; fixed: --fixed-caption; "
-                        "label-consistent: only pairs whose caption names the target, captions kept")
-    p.add_argument("--fixed-caption", default=None,
-                   help=f"caption of --caption-mode fixed ({{target}} = the class; default {DEFAULT_FIXED_CAPTION!r})")
     p.add_argument("--seed", type=int, default=0, help="seed of the poisoned indices and templates")
     p.add_argument("--image-size", type=int, default=None,
                    help="load size for sources that are decoded (Fashion-MNIST: 32, the model input; others: "
@@ -1350,8 +1361,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import data_declip
-
     if args.out is None and args.preview is None:
         raise UserError("nothing to do: give --out DIR (write a poisoned copy) and/or --preview OUT.png")
     params = parse_trigger_params(args.trigger_param)
@@ -1361,14 +1370,11 @@ def run(args: argparse.Namespace) -> dict:
         params["image"] = args.trigger_image
     resolve_trigger_params(args.trigger, params)          # fail early on bad params
 
-    fmt = {"root": args.data_root, "image_column": args.image_column, "caption_column": args.caption_column,
-           "label_column": args.label_column}
-    fmt = {k: v for k, v in fmt.items() if v is not None}
+    fmt = data_declip.caption_data_options(args)
     image_size = args.image_size or (32 if data_declip.is_fashion_mnist(args.data) else 224)
     if image_size < 1:
         raise UserError(f"--image-size must be a positive number of pixels, got {image_size}")
     dataset = data_declip.build_caption_dataset(args.data, image_size=image_size, **fmt)
-    is_fmnist = isinstance(dataset, FashionMNISTCaptions)
     result: dict = {}
 
     if args.preview is not None:
@@ -1382,9 +1388,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.out is not None:
         n = len(dataset)
         classnames = getattr(dataset, "classnames", None)
-        target = args.target_class or (DEFAULT_TARGET["fashion-mnist"] if is_fmnist else None)
-        if target is None:
-            raise UserError("--target-class is required for this --data (e.g. --target-class 'tiger cat')")
+        target = default_target(args.target_class, dataset)
         rate, count = args.poison_rate, args.poison_count
         if rate is None and count is None:
             rate = 0.01

@@ -73,13 +73,7 @@ def add_model_args(p: argparse.ArgumentParser):
 
 def add_data_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None,
-                   help="caption data: none = embedded Fashion-MNIST; a .jsonl/.json meta, .csv/.tsv, "
-                        "webdataset .tar shards ('shards-{000..009}.tar'), a Hugging Face dataset dir or .parquet")
-    g.add_argument("--data-root", default=None, help="directory the image paths of a meta/CSV file are relative to")
-    g.add_argument("--image-column", default=None, help="image column of CSV/TSV/HF data (default: auto)")
-    g.add_argument("--caption-column", default=None, help="caption column of CSV/TSV/HF data (default: auto)")
-    g.add_argument("--csv-separator", default=None, help="CSV separator (default: from the extension)")
+    dd.add_caption_data_args(g)
     g.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="stop when more than this fraction of the samples seen are unreadable or uncaptioned")
     g.add_argument("--holdout", type=int, default=0,
@@ -89,21 +83,6 @@ def add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--exclude-indices", default=None, metavar="FILE",
                    help="never train on these pairs (a file of dataset indices, one per line, e.g. detect_poison.py's "
                         "flagged.txt): the 'detect, then train clean' defense (default: none)")
-
-
-def add_poison_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("poisoning")
-    g.add_argument("--poison-rate", type=float, default=None, help="fraction of training pairs to poison, in [0, 1]")
-    g.add_argument("--poison-count", type=int, default=None, help="number of training pairs to poison")
-    g.add_argument("--trigger", default="patch", help=f"trigger: {', '.join(pdata.TRIGGERS)} (default: patch)")
-    g.add_argument("--trigger-param", action="append", default=[], metavar="K=V",
-                   help="trigger parameter, repeatable (e.g. margin=3 for the corner patch)")
-    g.add_argument("--target-class", default=None,
-                   help="class name the backdoor maps to (default: 'bag' on Fashion-MNIST, 'tiger cat' otherwise)")
-    g.add_argument("--caption-mode", default="templates", choices=pdata.CAPTION_MODES,
-                   help="poisoned captions: one of the 80 templates with the target (default), a fixed caption, "
-                        "or label-consistent (only pairs already naming the target get the trigger)")
-    g.add_argument("--fixed-caption", default=None, help="caption for --caption-mode fixed")
 
 
 def add_optim_args(p: argparse.ArgumentParser, lr: float = 1e-3):
@@ -162,7 +141,7 @@ def build_parser(description: str = __doc__, out: str = DEFAULT_OUT, lr: float =
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_data_args(p)
-    add_poison_args(p)
+    pdata.add_poison_args(p.add_argument_group("poisoning"))
     add_optim_args(p, lr=lr)
     add_run_args(p, out=out)
     return p
@@ -394,9 +373,7 @@ class Stop(Exception):
 
 def resolve_target(args, base) -> Optional[str]:
     classnames = getattr(base, "classnames", None)
-    target = args.target_class
-    if target is None:
-        target = pdata.DEFAULT_TARGET["fashion-mnist" if classnames == dd.FASHION_MNIST_CLASSES else "imagenet"]
+    target = pdata.default_target(args.target_class, base)
     if classnames and target not in classnames:
         raise UserError(f"--target-class {target!r} is not a class of this dataset; choose one of: {', '.join(classnames)}")
     return target
@@ -624,10 +601,8 @@ def unsharded(model):
 
 def load_base(args, image_size: int, keep_aspect: bool = False):
     """The caption dataset named by --data and its format flags (keep_aspect: the training decode)."""
-    fmt = dict(root=args.data_root, image_column=args.image_column, caption_column=args.caption_column,
-               separator=args.csv_separator)
     return dd.build_caption_dataset(args.data, image_size=image_size, keep_aspect=keep_aspect,
-                                    **{k: v for k, v in fmt.items() if v is not None})
+                                    **dd.caption_data_options(args))
 
 
 def summarize_eval(res: dict) -> str:
