@@ -30,6 +30,7 @@ import os
 import random
 import re as _re
 import struct
+import sys
 import tarfile
 from functools import lru_cache
 from typing import Callable, Iterator, Optional, Sequence
@@ -111,8 +112,6 @@ def run_main(main: Callable, argv: Optional[Sequence[str]] = None) -> int:
     2 after a user error (a UserError, a checkpoint that cannot be read), printed by the main process as
     one `error: ...` line without a traceback; 128 + the signal after a preempted run saved its state,
     printing how to resume. A process group, if one was made, is closed on the way out."""
-    import sys
-
     try:
         main(argv)
         return 0
