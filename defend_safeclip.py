@@ -172,6 +172,7 @@ def run(args) -> dict:
     phases = phase_plan(args)
     filter_lr = args.filter_lr if args.filter_lr is not None else args.lr / 100
     prev, start, share, plan, summary = args.init_from, 0, None, None, None
+    totals = {"steps": 0, "seen": 0, "bad_samples": 0, "minutes": 0.0}  # the whole run, every phase
     schedule = int(args.epochs) * steps_per_epoch  # one cosine over the whole run (the warm-up's lr aside)
     for name, inmodal, subset, epochs in phases:
         pdir = os.path.join(out, "phases", name)
@@ -219,8 +220,9 @@ def run(args) -> dict:
         else:
             summary = json.load(open(os.path.join(pdir, "summary.json")))
         start += summary["steps"]
+        totals = {k: v + summary[k] for k, v in totals.items()}
         prev = os.path.join(pdir, "model.safetensors")
-    return finish(args, prev, record, summary)
+    return finish(args, prev, record, {**summary, **totals, "minutes": round(totals["minutes"], 2)})
 
 
 def _write_indices(path: str, indices: np.ndarray):
@@ -233,8 +235,8 @@ def _device(args):
 
 
 def finish(args, last: str, record: dict, summary: dict) -> dict:
-    """OUT gets the last phase's model.safetensors, config.json, poison manifest, eval.json and summary.json
-    (with the splits, without their index lists)."""
+    """OUT gets the last phase's model.safetensors, config.json, poison manifest and eval.json, and the
+    run's summary.json (steps, pairs and minutes of all phases, the splits without their index lists)."""
     out = args.out_dir
     summary = {**summary, "splits": [{k: v for k, v in s.items() if k != "safe"} for s in record["splits"]]}
     if dd.is_main_env():

@@ -91,6 +91,11 @@ def test_safeclip_runs_its_phases_records_each_split_and_continues_after_a_stop(
     cfg = json.load(open(out / "phases" / "pass1-clip" / "config.json"))
     assert cfg["resolved"]["n_train"] == rec["splits"][0]["n_safe"] and cfg["init_optimizer"]
     assert os.path.isfile(out / "model.safetensors") and summary["splits"][0]["n_safe"] == rec["splits"][0]["n_safe"]
+    # the run's summary counts every phase, not only the last (the report's "train min" reads it)
+    ran = [json.load(open(out / "phases" / p / "summary.json")) for p in phases
+           if os.path.isfile(out / "phases" / p / "summary.json")]
+    assert json.load(open(out / "summary.json"))["steps"] == summary["steps"] == sum(r["steps"] for r in ran) > \
+        ran[-1]["steps"]
     # a stop after the first split: the run continues with the recorded split and the finished phases
     first = {p: os.path.getmtime(out / "phases" / p / "model.safetensors") for p in ("warmup-inmodal", "pass1-clip")}
     for p in ("pass2-inmodal", "pass2-clip"):
