@@ -244,7 +244,6 @@ def bench_loader(preset, mode, batch, workers, device, photo_dir) -> dict:
     for _ in range(data.steps_per_epoch - 1):
         images += next(it)["images"].shape[0]
     dt = time.perf_counter() - t
-    del it
     return dict(images=n + images, timed_images=images, img_s=images / max(dt, 1e-9))
 
 

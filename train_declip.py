@@ -1154,14 +1154,11 @@ def files_stamp(path: Optional[str]) -> list:
     import glob
 
     path = dd.fashion_mnist_dir() if path is None or dd.is_fashion_mnist(path) else path
-    if not os.path.isdir(path):
-        return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in sorted(glob.glob(path)) if os.path.isfile(f)]
-    stamp = []
-    for d, _, names in os.walk(path):
-        for name in names:
-            st = os.stat(os.path.join(d, name))
-            stamp.append([os.path.relpath(os.path.join(d, name), path), st.st_size, st.st_mtime_ns])
-    return sorted(stamp)
+    if os.path.isdir(path):
+        files = [os.path.join(d, name) for d, _, names in os.walk(path) for name in names]
+    else:
+        files = [f for f in glob.glob(path) if os.path.isfile(f)]
+    return sorted([f, st.st_size, st.st_mtime_ns] for f, st in ((f, os.stat(f)) for f in files))
 
 
 def evaluation_key(weights: str, eval_args, plan) -> str:
