@@ -127,3 +127,14 @@ $(D)/par/model.safetensors: $(D)/victim/model.safetensors
 $(D)/data-defenses/report.json: $(foreach m,clean victim $(DATA_DEFENSES),$(D)/$(m)/model.safetensors)
 	$(ACCEL) eval_zeroshot.py --ckpt $(foreach m,clean victim $(DATA_DEFENSES),$(D)/$(m)) \
 	  --names clean victim $(DATA_DEFENSES) --report $(D)/data-defenses $(BAR)
+
+# ------------------------------------------------------------------------------------------------
+# A declared matrix of attacks x defenses x objectives x seeds (README: "The study command"): study.py runs
+# each cell with the demo's commands (one process with every core, as ACCEL) as a file target of its own, so a
+# rerun skips what is done. STUDY_FLAGS: e.g. --dry-run, --objectives clip declip, --seeds 0, --keep-going.
+STUDY ?= configs/studies/reduced.yaml
+STUDY_FLAGS ?=
+
+.PHONY: study
+study: setup
+	$(PY) study.py $(STUDY) $(STUDY_FLAGS)

@@ -778,7 +778,10 @@ class FashionMNISTCaptions(torch.utils.data.Dataset):
         return self.images.shape[0]
 
     def image(self, i: int) -> torch.Tensor:
-        img = self.images[i]
+        return self.view(self.images[i])
+
+    def view(self, img: torch.Tensor) -> torch.Tensor:
+        """A grey uint8 [H, W] image as this dataset's items show theirs: uint8 [3, S, S]."""
         if self.image_size == 32 and img.shape == (28, 28):
             img = F.pad(img, (2, 2, 2, 2))
         elif img.shape != (self.image_size, self.image_size):
@@ -1337,35 +1340,96 @@ def _int_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
+def source_image(ds, i: int):
+    """Item i of a class or caption dataset as stored, before any resize or crop: a PIL image (mode L for
+    grey Fashion-MNIST and grey files, else RGB, as ``load_image`` converts), or None when unreadable.
+    Fashion-MNIST: the 28-px IDX image; path formats: the file; HF: the row's image; others: the decoded
+    item. What a targeted-poisoning plan copies, so that training decodes it as it decodes its own items."""
+    from PIL import Image
+
+    while isinstance(ds, torch.utils.data.Subset):
+        ds, i = ds.dataset, ds.indices[i]
+    i = int(i)
+    src = None
+    if isinstance(ds, FashionMNISTCaptions):
+        return Image.fromarray(ds.images[i].numpy(), mode="L")
+    if isinstance(ds, ImageFolderClasses):
+        src = ds.samples[i][0]
+    elif isinstance(ds, _PathCaptionDataset):
+        src = os.path.join(ds.root, ds.paths[i]) if ds.paths[i] else None
+    elif isinstance(ds, HFCaptionDataset):
+        src = ds.ds[i][ds.image_col]
+        if isinstance(src, dict):
+            src = src.get("bytes") or (os.path.join(ds.root, src["path"]) if src.get("path") else None)
+        elif isinstance(src, str):
+            src = os.path.join(ds.root, src)
+    else:
+        img = (ds[i] or {}).get("image")
+        if img is None:
+            return None
+        return Image.fromarray(img.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+    if src is None:
+        return None
+    try:
+        img = src if isinstance(src, Image.Image) else Image.open(io.BytesIO(src) if isinstance(
+            src, (bytes, bytearray, memoryview)) else src)
+        img.load()
+        return img if img.mode in ("L", "RGB") else img.convert("RGB")
+    except Exception:  # an unreadable file is a bad sample, as in load_image
+        return None
+
+
+def decode_like(base, image) -> torch.Tensor:
+    """PIL ``image`` decoded as ``base`` (a caption dataset, or a Subset of one) decodes its own items:
+    Fashion-MNIST's padding / resize of a grey image, any other format's ``load_image`` at its load size
+    and decode (``keep_aspect`` for training). uint8 [3, H, W]."""
+    while isinstance(base, torch.utils.data.Subset):
+        base = base.dataset
+    if isinstance(base, FashionMNISTCaptions):
+        grey = image.convert("L")
+        w, h = grey.size
+        return base.view(torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(h, w))
+    img = load_image(image, base.image_size, getattr(base, "keep_aspect", False))
+    if img is None:
+        raise UserError("a targeted-poisoning image cannot be decoded; check the run's poison_target_*.png files")
+    return img
+
+
 class _PairMaker:
     """Shared logic of TrainPairs and TrainPairsIterable: base item + poison + EDA -> training item."""
 
-    def __init__(self, seed: int, context_length: int, poison, eda):
+    def __init__(self, seed: int, context_length: int, poison, eda, base=None):
         self.seed, self.context_length, self.poison = seed, context_length, poison
         # eda: the second caption view's function (text, rng) -> text; True = DeCLIP's EDA, False/None = none
         self.text_aug = TEXT_AUGS["declip"] if eda is True else (eda or None)
+        self.base = base  # decodes a plan's own images (targeted poisoning) as it decodes its items
 
     def make(self, item: Optional[dict], i: int, v: int, n: int) -> Optional[dict]:
         """Training item of sample i at virtual index v = epoch * n + i."""
         if item is None or item.get("image") is None or not item.get("caption"):
             return None
         rng = sample_rng(self.seed, v)
-        text = item["caption"]
+        text, image = item["caption"], item["image"]
         poisoned = bool(self.poison is not None and self.poison.is_poisoned(i))
         if poisoned:
             text = self.poison.caption(i, text, rng)
+            own = getattr(self.poison, "poisoned_image", None)  # targeted poisoning: the plan's image
+            own = own(i) if own is not None else None
+            if own is not None:
+                image = decode_like(self.base, own)
         text_aug = self.text_aug(text, rng) if self.text_aug else text
-        return dict(image=item["image"], text=text, text_aug=text_aug, index=i, poisoned=poisoned, epoch=v // n)
+        return dict(image=image, text=text, text_aug=text_aug, index=i, poisoned=poisoned, epoch=v // n)
 
 
 class TrainPairs(torch.utils.data.Dataset):
     """Training view of a map-style caption dataset, indexed by virtual index v = epoch * N + i.
 
     Item v: base item i = v % N; rng = ``sample_rng(seed, v)`` (so EDA and poisoned captions depend on
-    (seed, v) only, not on workers); poisoned captions from ``poison.caption(i, caption, rng)``; EDA on the
-    (possibly poisoned) caption. Returns dict(image uint8[3,S,S], text, text_aug, index=i, poisoned) or
-    None for a bad base sample (never replaced). Use with ``EpochSampler``; the training loop masks tokens
-    for MLM batched with ``mask_tokens``. For webdataset (iterable) bases use ``TrainPairsIterable``.
+    (seed, v) only, not on workers); poisoned captions from ``poison.caption(i, caption, rng)``, and for a
+    plan with ``poisoned_image(i)`` (targeted poisoning) that image, decoded as the base decodes its items
+    (``decode_like``); EDA on the (possibly poisoned) caption. Returns dict(image uint8[3,S,S], text,
+    text_aug, index=i, poisoned) or None for a bad base sample (never replaced). Use with ``EpochSampler``;
+    the training loop masks tokens for MLM batched with ``mask_tokens``. For webdataset (iterable) bases use ``TrainPairsIterable``.
     """
 
     def __init__(self, base, seed: int, context_length: int = 77, poison=None, eda: bool = True):
@@ -1373,7 +1437,7 @@ class TrainPairs(torch.utils.data.Dataset):
             raise TypeError("TrainPairs needs a map-style dataset; use TrainPairsIterable for webdataset shards")
         self.base, self.seed, self.context_length = base, seed, context_length
         self.poison, self.eda = poison, eda
-        self._maker = _PairMaker(seed, context_length, poison, eda)
+        self._maker = _PairMaker(seed, context_length, poison, eda, base)
         self.n = len(base)
 
     def __len__(self) -> int:
@@ -1401,7 +1465,7 @@ class TrainPairsIterable(torch.utils.data.IterableDataset):
         self.poison, self.eda = poison, eda
         self.start_epoch, self.num_epochs, self.shuffle_buffer = start_epoch, num_epochs, shuffle_buffer
         self.rank, self.world = rank, world
-        self._maker = _PairMaker(seed, context_length, poison, eda)
+        self._maker = _PairMaker(seed, context_length, poison, eda, base)
 
     def __len__(self) -> int:
         """Items this process streams: its share of each epoch."""

@@ -421,10 +421,11 @@ def detect(args) -> dict:
     for j, name in enumerate(args.detectors):
         rec[name] = table[:, j]
     dd.atomic_write(os.path.join(out, "scores.npy"), lambda p: _save_npy(p, rec))
-    dd.atomic_write(os.path.join(out, FLAGGED_FILE),
-                     lambda p: p.write_text("".join(f"{i}\n" for i in flagged.tolist())))
     ez._write_json(os.path.join(out, "config.json"), {k: v for k, v in vars(args).items()})
     ez._write_json(os.path.join(out, "detection.json"), result)
+    # last: the file target of `make` and study.py, so a run killed before it is redone whole
+    dd.atomic_write(os.path.join(out, FLAGGED_FILE),
+                     lambda p: p.write_text("".join(f"{i}\n" for i in flagged.tolist())))
     best = {k: v["roc_auc"] for k, v in metrics.items() if v and v["roc_auc"] is not None}
     line = f"detect: {result['n_scored']} pairs scored"
     if best:

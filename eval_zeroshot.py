@@ -19,6 +19,10 @@ Backdoor metrics (percentages 0-100):
   ra       share of triggered non-target images still classified as their true class;
   DER      (max(0, ASR_v - ASR_d) - max(0, CA_v - CA_d) + 100) / 2, in percent (100 = backdoor removed at
            no cost in clean accuracy, 50 = no change), with CA = clean top-1 and ASR = asr.
+A targeted-poisoning run (manifest attack 'targeted', Carlini & Terzis, arXiv 2106.09667) gets a "targeted"
+block instead: success (its chosen test images classified as their own target; the report's ASR column),
+collateral (the other test images misclassified as one of the chosen targets), ca_others (clean top-1
+without the chosen images) and one row per chosen image.
 
 Report (--report DIR: report.md, report.json, report.png; the report.md table is also printed): one row per
 checkpoint with CA top-1/top-5, ASR, asr_all, RA, DER and `train min` (the "minutes" of the run directory's
@@ -373,24 +377,26 @@ def _image_features(model, images_uint8, device, image_size, mean, std, trigger,
 
 def _class_batches(model, dataset, trig, accelerator, device, bf16, batch_size, num_workers, crop_pct, progress,
                    desc, reduce):
-    """This process's share of a class dataset: per batch its labels, reduce(normalised image features)
-    and, with a trigger, reduce(features of the triggered images); three lists (the last empty without one)."""
+    """This process's share of a class dataset: per batch its labels, reduce(normalised image features),
+    with a trigger reduce(features of the triggered images), and the dataset indices; four lists (the third
+    empty without a trigger)."""
     from tqdm.auto import tqdm
 
     image_size = _cfg(model, "image_size", 224)
     mean, std = _norm_stats(model)
     loader = _shard_loader(dataset, accelerator, batch_size, num_workers, _collate_class)
-    labels, clean, triggered = [], [], []
+    labels, clean, triggered, index = [], [], [], []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         if batch is None:
             continue
         imgs = batch["images"]
         labels.append(batch["labels"].to(device))
+        index.append(torch.tensor(batch["index"], dtype=torch.long, device=device))
         clean.append(reduce(_image_features(model, imgs, device, image_size, mean, std, None, bf16, crop_pct)))
         if trig is not None:
             triggered.append(reduce(_image_features(model, imgs, device, image_size, mean, std,
                                                     trig.for_batch(batch["index"]), bf16, crop_pct)))
-    return labels, clean, triggered
+    return labels, clean, triggered, index
 
 
 def _backdoor_metrics(pred_trig, y, target_idx, classnames, trig) -> dict:
@@ -401,6 +407,61 @@ def _backdoor_metrics(pred_trig, y, target_idx, classnames, trig) -> dict:
     return {"trigger": trig.name, "trigger_params": trig.params, "target": classnames[target_idx],
             "asr": _pct((hit & nontarget).sum(), m), "asr_all": _pct(hit.sum(), len(y)),
             "ra": _pct(((pred_trig == y) & nontarget).sum(), m), "n": len(y), "n_nontarget": m}
+
+
+def _top1(pred, y) -> float:
+    """Clean top-1 accuracy (percent) of top-1 predictions `pred` against labels `y`."""
+    return _pct((pred == y).sum(), len(y))
+
+
+def targeted_pairs(entries, dataset=None, classnames=None) -> list[tuple[int, str]]:
+    """(test index, target class) of a targeted-poisoning plan's manifest entries ("test_index", "target",
+    "pixels_sha256"). With `dataset` (the class test set) each entry's image must be that set's item at its
+    test index, pixel for pixel, and with `classnames` its target one of them; else a UserError."""
+    from data_declip import source_image
+    from poison_data import image_sha256
+
+    pairs = []
+    for e in entries:
+        i = int(e["test_index"])
+        if dataset is not None:
+            img = source_image(dataset, i) if 0 <= i < len(dataset) else None
+            if img is None or image_sha256(img) != e["pixels_sha256"]:
+                raise UserError(f"test image {i} of the evaluation data is not the image the targeted-poisoning "
+                                f"plan chose; evaluate on the test data the run drew it from (its manifest's "
+                                f"test_data)")
+        if classnames is not None:
+            resolve_target(e["target"], classnames)
+        pairs.append((i, str(e["target"])))
+    return pairs
+
+
+def _targeted_metrics(pred, y, index, pairs, classnames) -> dict:
+    """Targeted poisoning (Carlini & Terzis, arXiv 2106.09667) from the clean top-1 predictions `pred` of the
+    test images `index` (labels `y`) and the plan's (test index, target) `pairs`, percentages:
+      success     chosen images classified as their target (the paper's attack success);
+      collateral  the other test images misclassified as one of the chosen targets;
+      ca_others   clean top-1 of the other test images (the chosen ones left out);
+    and one row per chosen image (test index, true class, target, predicted, success)."""
+    row_of = {int(i): r for r, i in enumerate(index.tolist())}
+    chosen = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    is_target = torch.zeros(len(classnames), dtype=torch.bool, device=y.device)
+    images = []
+    for i, target in pairs:
+        r = row_of.get(int(i))
+        if r is None:
+            raise UserError(f"the targeted-poisoning test image {i} is not among the readable test images")
+        t = resolve_target(target, classnames)
+        chosen[r] = True
+        is_target[t] = True
+        p = int(pred[r])
+        images.append({"test_index": int(i), "true_class": classnames[int(y[r])], "target": classnames[t],
+                       "predicted": classnames[p], "success": p == t})
+    others = ~chosen
+    m = int(others.sum())
+    return {"success": _pct(sum(im["success"] for im in images), len(images)), "n": len(images),
+            "collateral": _pct(((pred != y) & is_target[pred] & others).sum(), m),
+            "ca_others": _top1(pred[others], y[others]), "n_others": m, "images": images}
 
 
 @torch.no_grad()
@@ -424,8 +485,8 @@ def linear_probe(model, train_set, test_set, classnames, trigger=None, trigger_p
     ident = lambda z: z  # noqa: E731
 
     def gathered(dataset, t, desc):
-        y, z, zt = _class_batches(model, dataset, t, accelerator, device, bf16, batch_size, num_workers, crop_pct,
-                                  progress and _is_main(accelerator), desc, ident)
+        y, z, zt, _ = _class_batches(model, dataset, t, accelerator, device, bf16, batch_size, num_workers,
+                                     crop_pct, progress and _is_main(accelerator), desc, ident)
         cat = lambda xs, d: _gather_rows(torch.cat(xs) if xs else torch.zeros(0, d, device=device), accelerator)
         dim = model.config.embed_dim
         return (cat(y, 0).reshape(-1).long().cpu().numpy(), cat(z, dim).cpu().numpy(),
@@ -476,8 +537,9 @@ def _pct(num, den):
 @torch.no_grad()
 def evaluate(model, data, classnames, templates="80", trigger=None, trigger_params=None, target=None,
              accelerator=None, bf16=False, batch_size=256, num_workers=0, class_emb=None, device=None,
-             progress=True, crop_pct=None, seed=0) -> dict:
-    """Zero-shot clean accuracy and, with `trigger` and `target`, the backdoor metrics.
+             progress=True, crop_pct=None, seed=0, targeted=None) -> dict:
+    """Zero-shot clean accuracy and, with `trigger` and `target`, the backdoor metrics; with `targeted`,
+    the targeted-poisoning metrics.
 
     data: a class dataset (items dict(image=uint8[3,S,S], label=int)) or a DataLoader over one (its dataset
       and batch size are used; the sharding here replaces any distributed sampler).
@@ -488,8 +550,10 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
     crop_pct: centre-crop this fraction of each stored image before the resize to the model's input size
       (spec 7: Resize(256) + CenterCrop(224) = images stored at 256 with crop_pct 0.875); None = all of it.
     seed: per-image randomness of random triggers (patch-random at a random place).
+    targeted: (dataset index, target class) pairs of a targeted-poisoning plan (targeted_pairs()).
     Returns {"templates", "clean": {"top1","top5","n"}, "backdoor": {"trigger","trigger_params","target","asr",
-      "asr_all","ra","asr_top5","n","n_nontarget","per_class_asr"} or None}, percentages in 0-100.
+      "asr_all","ra","asr_top5","n","n_nontarget","per_class_asr"} or None}, percentages in 0-100, and with
+      `targeted` "targeted": {"success","n","collateral","ca_others","n_others","images"} (_targeted_metrics).
     """
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
@@ -512,7 +576,7 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
                                          accelerator=accelerator, bf16=bf16)
         class_emb = class_emb.to(device).float()
         k = min(5, len(classnames))
-        labels, top_clean, top_trig = _class_batches(
+        labels, top_clean, top_trig, index = _class_batches(
             model, dataset, trig, accelerator, device, bf16, batch_size, num_workers, crop_pct,
             progress and _is_main(accelerator), "zero-shot", lambda z: (z @ class_emb.T).topk(k, dim=-1).indices)
     empty = torch.empty(0, dtype=torch.long, device=device)
@@ -524,9 +588,12 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
                         "and, for a meta file with relative image paths, its image folder (--data-root, "
                         "--eval-data-root).")
     out = {"templates": n_templates,
-           "clean": {"top1": _pct((pc[:, 0] == y).sum(), n), "top5": _pct((pc == y[:, None]).any(1).sum(), n),
+           "clean": {"top1": _top1(pc[:, 0], y), "top5": _pct((pc == y[:, None]).any(1).sum(), n),
                      "n": n},
            "backdoor": None}
+    if targeted is not None:
+        idx = _gather_rows(torch.cat(index) if index else empty, accelerator)
+        out["targeted"] = _targeted_metrics(pc[:, 0], y, idx, list(targeted), classnames)
     if trig is not None:
         pt = _gather_rows(torch.cat(top_trig) if top_trig else empty.view(0, k), accelerator)
         bd = _backdoor_metrics(pt[:, 0], y, target_idx, classnames, trig)
@@ -617,11 +684,18 @@ def retrieval(model, caption_dataset, trigger=None, trigger_params=None, target=
     return out
 
 
+def attack_success(m: dict) -> float | None:
+    """The attack's success rate (percent) in a metrics dict: the backdoor's ASR, else a targeted-poisoning
+    run's success (chosen test images classified as their target); None when it has neither."""
+    bd, tg = m.get("backdoor") or {}, m.get("targeted") or {}
+    value = bd.get("asr") if bd else tg.get("success")
+    return float(value) if value is not None else None
+
+
 def _ca_asr(m):
     """(clean top-1, asr) from a metrics dict (evaluate() output or a --json file) or an (asr, ca) pair."""
     if isinstance(m, dict):
-        bd = m.get("backdoor") or {}
-        return float(m["clean"]["top1"]), (float(bd["asr"]) if bd.get("asr") is not None else None)
+        return float(m["clean"]["top1"]), attack_success(m)
     asr, ca = m
     return float(ca), float(asr)
 
@@ -645,6 +719,10 @@ def summary_line(metrics: dict) -> str:
     if bd:
         s += (f" | {bd['trigger']} -> {bd['target']!r}: ASR {bd['asr']:.2f}% (all {bd['asr_all']:.2f}%), "
               f"RA {bd['ra']:.2f}%")
+    tg = metrics.get("targeted")
+    if tg:
+        s += (f" | targeted: {tg['success']:.2f}% of {tg['n']} chosen test image(s) classified as their target, "
+              f"collateral {_fmt(tg['collateral'])}%, CA of the others {_fmt(tg['ca_others'])}%")
     return s
 
 
@@ -773,12 +851,14 @@ def report_rows(results: dict, victim=None, minutes=None, clean=None, bar=None) 
         row = {
             "method": name, "role": role, "ckpt": m.get("ckpt"),
             "ca_top1": ca, "ca_top5": m["clean"]["top5"],
-            "asr": bd.get("asr"), "asr_all": bd.get("asr_all"), "ra": bd.get("ra"),
+            "asr": attack_success(m), "asr_all": bd.get("asr_all"), "ra": bd.get("ra"),
             "der": der(vmetrics, m) if (vmetrics is not None and role == "defense") else None,
             "ca_drop": ca_v - ca if (ca_v is not None and role == "defense") else None,
             "minutes": minutes.get(name),
             "meets_bar": None,
         }
+        if m.get("targeted"):  # targeted poisoning: its success is the row's ASR
+            row.update(collateral=m["targeted"]["collateral"], ca_others=m["targeted"]["ca_others"])
         if role == "defense" and _bar_active(bar):
             row["meets_bar"] = meets_bar(row["asr"], row["ca_drop"], bar)
         rows.append(row)
@@ -837,17 +917,26 @@ def _bar_cell(r):
 
 _COLUMNS = [("CA top-1 (%)", "ca_top1"), ("CA top-5 (%)", "ca_top5"), ("ASR (%)", "asr"),
             ("asr_all (%)", "asr_all"), ("RA (%)", "ra"), ("DER (%)", "der"), ("train min", "minutes")]
+_TARGETED_COLUMN = ("collateral (%)", "collateral")  # after ASR, in tables with a targeted-poisoning row
+
+
+def _columns(rows) -> list:
+    if not any("collateral" in r for r in rows):
+        return _COLUMNS
+    return _COLUMNS[:3] + [_TARGETED_COLUMN] + _COLUMNS[3:]
 
 
 def markdown_table(rows, bar=None) -> list[str]:
-    """The report.md table: method, CA top-1/top-5, ASR, asr_all, RA, DER, train min, [meets bar], [seeds]."""
+    """The report.md table: method, CA top-1/top-5, ASR, [collateral], asr_all, RA, DER, train min, [meets bar],
+    [seeds]."""
     with_bar = _bar_active(bar)
     with_seeds = any("seeds" in r for r in rows)
-    head = ["method"] + [h for h, _ in _COLUMNS] + (["meets bar"] if with_bar else []) + (
+    columns = _columns(rows)
+    head = ["method"] + [h for h, _ in columns] + (["meets bar"] if with_bar else []) + (
         ["seeds"] if with_seeds else [])
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
-        cells = [r["method"]] + [_cell(r, k) for _, k in _COLUMNS] + ([_bar_cell(r)] if with_bar else []) + (
+        cells = [r["method"]] + [_cell(r, k) for _, k in columns] + ([_bar_cell(r)] if with_bar else []) + (
             [str(r.get("seeds", "–"))] if with_seeds else [])
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -856,6 +945,8 @@ def markdown_table(rows, bar=None) -> list[str]:
 def format_table(rows, bar=None) -> str:
     head = ["method", "CA top-1 %", "CA top-5 %", "ASR %", "asr_all %", "RA %", "DER %"]
     keys = ["ca_top1", "ca_top5", "asr", "asr_all", "ra", "der"]
+    if any("collateral" in r for r in rows):
+        head, keys = head[:4] + ["collateral %"] + head[4:], keys[:3] + ["collateral"] + keys[3:]
     if any(_is_number(r.get("minutes")) for r in rows):
         head, keys = head + ["train min"], keys + ["minutes"]
     body = [[r["method"]] + [_cell(r, k) for k in keys] for r in rows]
@@ -931,6 +1022,15 @@ _METRIC_BULLET = ("- CA = clean zero-shot accuracy; ASR = triggered non-target i
                   "--timings).")
 
 
+_TARGETED_BULLET = ("- targeted poisoning (Carlini & Terzis, arXiv 2106.09667): ASR = the chosen test images "
+                    "classified as their own target class; collateral = the other test images misclassified as "
+                    "one of the chosen targets (per-image rows and the others' CA in report.json).")
+
+
+def _targeted_bullets(rows) -> list:
+    return [_TARGETED_BULLET] if any("collateral" in r for r in rows) else []
+
+
 def _finish_md(md, rows, bar, footer, sentence):
     """Table, footer, figure, and (with a bar) the bar sentence as the last line; returns the printable part."""
     table = markdown_table(rows, bar) + ["", footer]
@@ -944,7 +1044,8 @@ def _finish_md(md, rows, bar, footer, sentence):
 def _report_head(title: str, info: dict, bullets: list, victim, clean: list, bar, sentence, bar_scope: str) -> list:
     """The markdown lines above a report's table: title, run facts, metric notes, the bar's wording."""
     md = [title, ""]
-    md += [f"- {key}: {info[key]}" for key in ("dataset", "templates", "trigger", "target") if info.get(key) is not None]
+    md += [f"- {key}: {info[key]}" for key in ("dataset", "templates", "attack", "trigger", "target")
+           if info.get(key) is not None]
     md += [*bullets, _METRIC_BULLET, _der_bullet(victim)]
     if clean:
         md.append(f"- clean reference: {', '.join('`' + c + '`' for c in clean)}.")
@@ -973,13 +1074,13 @@ def write_report(out_dir, results: dict, victim=None, info=None, minutes=None, c
     sentence = bar_sentence(rows, bar) if _bar_active(bar) else None
     footer = "\n".join(x for x in (total_minutes_line(rows), provenance_line(prov)) if x)
     clean_rows = [r["method"] for r in rows if r["role"] == "clean"]
-    md = _report_head("# Zero-shot evaluation", info, [], vname, clean_rows, bar, sentence,
+    md = _report_head("# Zero-shot evaluation", info, _targeted_bullets(rows), vname, clean_rows, bar, sentence,
                       "for every row but the victim and the clean reference.")
     table = _finish_md(md, rows, bar, footer, sentence)
     known = [r["minutes"] for r in rows if _is_number(r.get("minutes"))]
     rep = {**info, "victim": vname,
            "victim_ca_top1": vmetrics["clean"]["top1"] if vmetrics is not None else None,
-           "victim_asr": (vmetrics.get("backdoor") or {}).get("asr") if vmetrics is not None else None,
+           "victim_asr": attack_success(vmetrics) if vmetrics is not None else None,
            "clean": clean_rows, "der_unit": "percent, 100 * (dASR - dCA + 1) / 2", "rows": rows,
            "total_minutes": sum(known) if known else None, "bar": _bar_json(rows, bar, sentence),
            **(prov or {}), "results": results}
@@ -1071,7 +1172,7 @@ def aggregate_reports(paths, bar=None, clean=None) -> dict:
     totals = [sum(r["minutes"] for r in rep["rows"] if _is_number(r.get("minutes"))) for rep in reps
               if any(_is_number(r.get("minutes")) for r in rep["rows"])]
     t_mean, t_std, t_n = _mean_std(totals)
-    info = {k: reps[0].get(k) for k in ("dataset", "templates", "trigger", "target")
+    info = {k: reps[0].get(k) for k in ("dataset", "templates", "attack", "trigger", "target")
             if reps[0].get(k) is not None and all(rep.get(k) == reps[0].get(k) for rep in reps)}
     return {**info, "aggregate_of": [str(p) for p in paths], "n_seeds": len(reps), "std": "sample (n - 1)",
             "victim": vname, "clean": [m for m in methods if m in clean], "rows": rows,
@@ -1098,7 +1199,8 @@ def write_aggregate(out_dir, paths, bar=None, clean=None, prov=None) -> dict:
     seeds = [f"- seeds: {n} (" + ", ".join(f"`{p}`" for p in rep["aggregate_of"]) + ")",
              "- each cell: mean ± sample standard deviation (n - 1) over the seeds (just the mean for one seed); "
              "(n=k) = only k seeds had the number."]
-    md = _report_head(f"# Zero-shot evaluation: mean ± std over {n} seed{'s' if n != 1 else ''}", rep, seeds,
+    md = _report_head(f"# Zero-shot evaluation: mean ± std over {n} seed{'s' if n != 1 else ''}", rep,
+                      seeds + _targeted_bullets(rows),
                       rep["victim"], rep["clean"], bar, sentence,
                       "checked on the means; (k/n seeds) = seeds on which the row meets it alone.")
     table = _finish_md(md, rows, bar, footer, sentence)
@@ -1198,11 +1300,15 @@ def _build_caption_dataset(data, image_size, split=None):
 
 
 def read_manifest(path) -> dict:
-    """{"trigger", "trigger_params", "target"} of a poison_manifest.json (or a run directory holding one)."""
+    """{"trigger", "trigger_params", "target", "targeted"} of a poison_manifest.json (or a run directory holding
+    one); "targeted": a targeted-poisoning plan's entries (no trigger, no single target), else None."""
     from poison_data import PoisonPlan
 
     plan = PoisonPlan.from_manifest(str(path))
-    return {"trigger": plan.trigger, "trigger_params": dict(plan.trigger_params), "target": plan.target}
+    if plan.attack == "targeted":
+        return {"trigger": None, "trigger_params": {}, "target": None, "targeted": list(plan.targeted)}
+    return {"trigger": plan.trigger, "trigger_params": dict(plan.trigger_params), "target": plan.target,
+            "targeted": None}
 
 
 def _manifest_from_metadata(weights) -> dict | None:
@@ -1217,9 +1323,11 @@ def _manifest_from_metadata(weights) -> dict | None:
         return None
     for key in ("poison_manifest", "poison", "manifest"):
         m = meta.get(key)
+        if isinstance(m, dict) and m.get("attack") == "targeted" and isinstance(m.get("targeted"), list):
+            return {"trigger": None, "trigger_params": {}, "target": None, "targeted": m["targeted"]}
         if isinstance(m, dict) and m.get("trigger") and m.get("target"):
             return {"trigger": m["trigger"], "trigger_params": dict(m.get("trigger_params") or {}),
-                    "target": m["target"]}
+                    "target": m["target"], "targeted": None}
     return None
 
 
@@ -1359,14 +1467,16 @@ def _load_victim_json(path):
         m = m["results"].get(m.get("victim")) or next(iter(m["results"].values()))
     elif isinstance(m, dict) and "clean" not in m and m:  # --json of several checkpoints
         m = m.get("victim") or next(iter(m.values()))
-    if not isinstance(m, dict) or "clean" not in m or (m.get("backdoor") or {}).get("asr") is None:
-        raise UserError(f"--victim {path}: needs a metrics JSON of eval_zeroshot.py --json with a backdoor ASR.")
+    if not isinstance(m, dict) or "clean" not in m or attack_success(m) is None:
+        raise UserError(f"--victim {path}: needs a metrics JSON of eval_zeroshot.py --json with a backdoor ASR "
+                        f"(or a targeted-poisoning success).")
     return m
 
 
 def _plan_backdoor(args, resolved, params_flag):
-    """Per checkpoint (trigger, params, target): flags first, then the run's own poison manifest (file or
-    checkpoint metadata), then --manifest / the first manifest among the checkpoints."""
+    """Per checkpoint (trigger, params, target, targeted): flags first, then the run's own poison manifest (file
+    or checkpoint metadata), then --manifest / the first manifest among the checkpoints. targeted: the entries
+    of a targeted-poisoning manifest (measured unless --trigger / --target-class ask for a backdoor), else None."""
     manifests = []
     for wpath, mpath in resolved:
         manifests.append(read_manifest(mpath) if mpath is not None else _manifest_from_metadata(wpath))
@@ -1379,10 +1489,13 @@ def _plan_backdoor(args, resolved, params_flag):
     plans = []
     for own in manifests:
         if args.no_backdoor:
-            plans.append((None, {}, None))
+            plans.append((None, {}, None, None))
             continue
         man = shared if args.manifest else (own or shared)
-        man = man or {"trigger": None, "trigger_params": {}, "target": None}
+        man = man or {"trigger": None, "trigger_params": {}, "target": None, "targeted": None}
+        if man.get("targeted") and args.trigger is None and args.target_class is None:
+            plans.append((None, {}, None, man["targeted"]))
+            continue
         trig = args.trigger or man["trigger"]
         params = dict(man["trigger_params"]) if (man["trigger"] and trig == man["trigger"]) else {}
         params.update(params_flag)
@@ -1394,7 +1507,7 @@ def _plan_backdoor(args, resolved, params_flag):
             raise UserError("--target-class needs a trigger: pass --trigger or a run with a poison manifest.")
         if trig is not None:
             params = make_trigger(trig, params).params  # validates name and parameters
-        plans.append((trig, params, tgt))
+        plans.append((trig, params, tgt, None))
     return plans
 
 
@@ -1500,7 +1613,7 @@ def run(args) -> dict:
     use_available_cores(accelerator.device)
     main_proc = accelerator.is_main_process
     datasets, captions, results, example_paths = {}, {}, {}, []
-    for name, (wpath, _), (trig, params, tgt) in zip(names, resolved, plans):
+    for name, (wpath, _), (trig, params, tgt, chosen) in zip(names, resolved, plans):
         if main_proc:
             print(f"[eval] {name}: {wpath}", file=sys.stderr)
         act = getattr(args, "activation", None)
@@ -1514,11 +1627,14 @@ def run(args) -> dict:
         target = classnames[resolve_target(tgt, classnames)] if tgt is not None else None
         class_emb = class_embeddings(model, classnames, templates, device=accelerator.device,
                                      batch_size=args.batch_size, accelerator=accelerator, bf16=args.eval_bf16)
+        pairs = targeted_pairs(chosen, dataset, classnames) if chosen else None  # its test images, checked
         m = evaluate(model, dataset, classnames, templates, trigger=trig, trigger_params=params, target=target,
                      accelerator=accelerator, bf16=args.eval_bf16, batch_size=args.batch_size,
-                     num_workers=args.workers, class_emb=class_emb, crop_pct=crop_pct, seed=args.seed)
+                     num_workers=args.workers, class_emb=class_emb, crop_pct=crop_pct, seed=args.seed,
+                     targeted=pairs)
         m = {"ckpt": str(wpath), "dataset": args.data or "fashion-mnist", "templates": len(templates),
-             "clean": m["clean"], "backdoor": m["backdoor"], "retrieval": None}
+             "clean": m["clean"], "backdoor": m["backdoor"], "retrieval": None,
+             **({"targeted": m["targeted"]} if pairs else {})}
         if args.retrieval_data:
             if load_size not in captions:
                 captions[load_size] = _build_caption_dataset(args.retrieval_data, load_size, args.retrieval_split)
@@ -1577,7 +1693,8 @@ def run(args) -> dict:
             bd = first.get("backdoor") or {}
             rep = write_report(args.report, results, victim, minutes=minutes, clean=args.clean, bar=bar, info={
                 "dataset": first["dataset"], "templates": len(templates), "trigger": bd.get("trigger"),
-                "target": bd.get("target"), "n": first["clean"]["n"]}, prov=provenance(args.argv))
+                "target": bd.get("target"), "n": first["clean"]["n"],
+                **({"attack": "targeted"} if first.get("targeted") else {})}, prov=provenance(args.argv))
         outs = [p for p in (args.json, args.report) if p] + example_paths
         print(f"eval_zeroshot: {len(results)} checkpoint(s), {next(iter(results.values()))['clean']['n']} test "
               f"images each, {time.time() - t0:.1f} s" + (f"; wrote {', '.join(outs)}" if outs else ""),

@@ -7,7 +7,8 @@ defenses and evaluation (`eval_zeroshot.py --trigger`) apply exactly the same tr
   (CleanCLIP's noise patch), `blended`, `sig`, `wanet`; `apply_trigger(image, name, **params)` works on
   PIL images, CHW and NCHW tensors (float in [0, 1] or uint8) of any height and width;
 - `PoisonPlan`: which pairs are poisoned (seeded, sorted, saved in `poison_manifest.json`), how their
-  captions change (spec §5.3) and which trigger they carry;
+  captions change (spec §5.3) and which trigger they carry; or, with `--attack targeted`, which test
+  images they carry instead of their own (Carlini & Terzis's targeted poisoning, no trigger);
 - a CLI that writes a poisoned copy of a caption dataset for other codebases, or a preview grid:
 
     python poison_data.py --data SRC --poison-rate 0.01 --out DIR
@@ -45,7 +46,10 @@ from data_declip import (FASHION_MNIST_CLASSES, FashionMNISTCaptions, UserError,
 
 
 MANIFEST_NAME = "poison_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 1            # backdoor plans: what they write (unchanged) and read
+TARGETED_MANIFEST_VERSION = 2   # version 1 + "attack", "test_data" and "targeted" (targeted-poisoning plans)
+ATTACKS = ("backdoor", "targeted")
+TARGET_IMAGE_NAME = "poison_target_{:d}.png"   # beside the manifest: a targeted plan's image of test index {}
 
 # Default target class per embedded dataset. Fashion-MNIST: 'bag', the one class in neither the garment
 # group (t-shirt, pullover, dress, coat, shirt) nor the footwear group (sandal, sneaker, ankle boot). A
@@ -462,6 +466,73 @@ def _check_wanet(p: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# optimized: BadCLIP's optimised patch (Liang et al., CVPR 2024, arXiv 2311.12075; official code
+# LiangSiyuan21/BadCLIP, backdoor/utils.py 'middle'): an RGB patch image (written by
+# `optimize_trigger`, this file's --optimize-trigger) pasted over the image centre, its top-left at
+# int(H/2 - l/2), int(W/2 - l/2) for side l; `size` resizes it (bilinear), default its own size.
+# `sha256` pins the file: filled in when a plan is drawn, checked whenever the trigger is resolved.
+# ---------------------------------------------------------------------------------------------------
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _load_patch(path: str, sha256: str) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def paste_patch(x: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
+    """x [n, c, H, W] with `patch` [3, l, l] (float [0, 1]) over its centre; differentiable in `patch`."""
+    h, w = x.shape[-2:]
+    side = patch.shape[-1]
+    top, left = int(h / 2 - side / 2), int(w / 2 - side / 2)
+    patch = patch[:x.shape[1]] if x.shape[1] <= 3 else patch.mean(0, keepdim=True).expand(x.shape[1], -1, -1)
+    out = x.clone()
+    out[..., top:top + side, left:left + side] = patch.to(device=x.device, dtype=x.dtype)
+    return out
+
+
+def _trigger_optimized(x: torch.Tensor, path: str, size: int | None, sha256: str) -> torch.Tensor:
+    patch = _load_patch(path, sha256)
+    if size is not None and size != patch.shape[-1]:
+        patch = F.interpolate(patch[None], size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)[0].clamp(0.0, 1.0)
+    if patch.shape[-1] > min(x.shape[-2:]):
+        raise UserError(f"the optimised patch ({patch.shape[-1]} px) is larger than the image "
+                        f"({x.shape[-2]}x{x.shape[-1]}); give a smaller --trigger-param size=")
+    return paste_patch(x, patch)
+
+
+def _check_optimized(p: dict) -> None:
+    if not isinstance(p["path"], str) or not p["path"]:
+        raise UserError("trigger 'optimized' needs --trigger-param path=PATCH.png (poison_data.py --optimize-trigger "
+                        "writes one)")
+    p["path"] = os.path.abspath(p["path"])
+    if p["size"] is not None:
+        _require_int(p, "size", 1)
+    try:
+        digest = _file_sha256(p["path"])
+        side = tuple(_load_patch(p["path"], digest).shape[-2:])
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the optimised patch {p['path']}: {e}") from None
+    if side[0] != side[1]:
+        raise UserError(f"the optimised patch {p['path']} must be square, got {side[1]}x{side[0]} px")
+    if p["sha256"] is None:
+        p["sha256"] = digest
+    elif p["sha256"] != digest:
+        raise UserError(f"the optimised patch {p['path']} changed since the plan was drawn (sha256 {digest[:12]} "
+                        f"!= {str(p['sha256'])[:12]}); restore it or draw a new plan")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Registry and the public trigger API
 # ---------------------------------------------------------------------------------------------------
 
@@ -515,6 +586,10 @@ TRIGGERS: dict[str, TriggerSpec] = {
     "wanet": TriggerSpec(
         "wanet", _trigger_wanet, {"k": 4, "s": 0.5, "seed": 0, "grid_rescale": 1.0}, _check_wanet,
         "WaNet: smooth warp from a seeded k x k offset grid, strength s"),
+    "optimized": TriggerSpec(
+        "optimized", _trigger_optimized, {"path": None, "size": None, "sha256": None}, _check_optimized,
+        "BadCLIP: an optimised patch image (`path`, from --optimize-trigger) over the image centre, resized to "
+        "`size` px (default: its own size); `sha256` pins the file"),
 }
 
 
@@ -695,17 +770,85 @@ def _all_captions(dataset) -> list[str | None]:
     return out
 
 
+def image_sha256(image) -> str:
+    """sha256 of a PIL image's pixels (its mode, size and raw bytes): the same for any lossless file of it."""
+    h = hashlib.sha256(f"{image.mode} {image.size[0]}x{image.size[1]}\n".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def _test_label(dataset, i: int) -> int:
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and not callable(labels):
+        return int(labels[i])
+    samples = getattr(dataset, "samples", None)   # an ImageFolder
+    if samples is not None:
+        return int(samples[i][1])
+    return int((dataset[i] or {}).get("label", -1))
+
+
+def _targeted_entry(e: dict) -> dict:
+    """One manifest entry of a targeted plan, checked (its file name is the one rule's, never a path)."""
+    out = {"test_index": int(e["test_index"]), "label": int(e["label"]), "class": str(e["class"]),
+           "target": str(e["target"]), "file": str(e["file"]), "pixels_sha256": str(e["pixels_sha256"]),
+           "indices": sorted(int(i) for i in e["indices"])}
+    if out["file"] != TARGET_IMAGE_NAME.format(out["test_index"]):
+        raise ValueError(f"targeted image file {out['file']!r} (expected "
+                         f"{TARGET_IMAGE_NAME.format(out['test_index'])!r})")
+    if not out["indices"]:
+        raise ValueError(f"targeted image {out['test_index']} has no poisoned pairs")
+    return out
+
+
+def _choose_targeted(rng: np.random.Generator, test_set: tuple, k: int, target: str | None,
+                     chosen: np.ndarray) -> tuple[list, list]:
+    """Targeted poisoning's draw (see PoisonPlan.from_args): (manifest entries, PIL images)."""
+    dataset, names = test_set[0], list(test_set[1])
+    if len(names) < 2:
+        raise UserError("--attack targeted needs a class test set of at least two classes")
+    fixed = names.index(target) if target is not None else None
+    picked = []
+    for j in rng.permutation(len(dataset)).tolist():
+        label = _test_label(dataset, j)
+        if not 0 <= label < len(names) or label == fixed:
+            continue
+        image = data_declip.source_image(dataset, j)
+        if image is not None:
+            picked.append((j, label, image))
+        if len(picked) == k:
+            break
+    if len(picked) < k:
+        raise UserError(f"--targeted-images {k}: the test set has only {len(picked)} readable images"
+                        + (f" outside the target class {target!r}" if target is not None else ""))
+    entries = []
+    for (j, label, image), share in zip(picked, np.array_split(chosen, k)):
+        if fixed is None:
+            r = int(rng.integers(len(names) - 1))
+            t = r + (r >= label)          # uniform among the other classes
+        else:
+            t = fixed
+        entries.append({"test_index": j, "label": label, "class": names[label], "target": names[t],
+                        "file": TARGET_IMAGE_NAME.format(j), "pixels_sha256": image_sha256(image),
+                        "indices": sorted(int(i) for i in share)})
+    return entries, [image for _, _, image in picked]
+
+
 @dataclass
 class PoisonPlan:
     """Which pairs of an n-item caption dataset are poisoned, with what trigger and caption.
 
     Build it with `PoisonPlan.from_args(...)`; `data_declip.TrainPairs` asks `is_poisoned(i)` and
     `caption(i, caption, rng)` per load, `GpuAugment` applies `trigger_fn()` after the crop.
+
+    attack='targeted' (Carlini & Terzis, "Poisoning and Backdooring Contrastive Learning", ICLR 2022,
+    arXiv 2106.09667): no trigger; `targeted` lists the chosen test images (not training images), each
+    with its target class and its share of the poisoned pairs, which train on that image
+    (`poisoned_image(i)`, the PNG copied beside the manifest) with a caption naming its target.
     """
     n: int
     indices: list[int]
-    target: str
-    trigger: str = "patch"
+    target: str | None
+    trigger: str | None = "patch"
     trigger_params: dict = field(default_factory=dict)
     caption_mode: str = "templates"
     fixed_caption: str | None = None
@@ -715,12 +858,20 @@ class PoisonPlan:
     candidates: int | None = None          # label-consistent: how many captions named the target
     dataset_fingerprint: str | None = None
     version: int = MANIFEST_VERSION
+    attack: str = "backdoor"
+    # targeted: per chosen image {"test_index", "label", "class", "target", "file", "pixels_sha256", "indices"}
+    targeted: list = field(default_factory=list)
+    test_data: str | None = None           # targeted: the class test data the images come from
+    image_dir: str | None = field(default=None, repr=False, compare=False)  # targeted: where the PNGs are
     _index_set: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+    _image_of: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _images: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.indices = sorted(int(i) for i in self.indices)
         self._index_set = frozenset(self.indices)
         self.count = len(self.indices)
+        self._image_of = {int(i): k for k, e in enumerate(self.targeted) for i in e["indices"]}
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -729,7 +880,9 @@ class PoisonPlan:
                   caption_mode: str = "templates", seed: int = 0,
                   captions: Sequence[str | None] | None = None, fixed_caption: str | None = None,
                   classnames: Sequence[str] | None = None,
-                  dataset_fingerprint: str | None = None) -> "PoisonPlan":
+                  dataset_fingerprint: str | None = None, attack: str = "backdoor",
+                  targeted_images: int | None = None, test_set: tuple | None = None,
+                  test_data: str | None = None) -> "PoisonPlan":
         """Draw the poisoned indices.
 
         Exactly one of `rate` (fraction in [0, 1]; count = int(rate * n), as BD_DeCLIP's
@@ -740,7 +893,18 @@ class PoisonPlan:
         or 'label-consistent' (only pairs whose caption already names the target are candidates;
         captions are kept; needs `captions`). `classnames`, when given, is the list the target must
         belong to (matched case-insensitively).
+
+        attack='targeted': the same indices as a backdoor plan; a generator seeded from (seed,
+        'targeted') draws `targeted_images` images of `test_set` = (class test dataset, class names) (a
+        permutation of it, unreadable images and, with a `target`, images of that class skipped) and,
+        without a `target`, one target per image among the other classes, so the images depend on the
+        seed and their number only, not on the poison count; the indices in draw order are split evenly
+        among the images (np.array_split). `test_data` names the test set in the manifest; the trigger is
+        not used.
         """
+        if attack not in ATTACKS:
+            raise UserError(f"unknown --attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+        targeted_attack = attack == "targeted"
         n = int(n)
         if n < 0:
             raise ValueError(f"dataset size must be >= 0, got {n}")
@@ -759,16 +923,33 @@ class PoisonPlan:
             if not 0 <= k <= n:
                 raise UserError(f"--poison-count must be between 0 and the dataset size {n}, got {k}")
 
-        if not isinstance(target, str) or not target.strip():
-            raise UserError("--target-class must be a non-empty class name")
-        target = target.strip()
-        if classnames is not None:
-            lookup = {c.lower(): c for c in classnames}
-            if target.lower() not in lookup:
-                raise UserError(f"unknown --target-class {target!r}; choose one of: {', '.join(classnames)}")
-            target = lookup[target.lower()]
+        if targeted_attack:
+            if test_set is None:
+                raise ValueError("attack='targeted' needs test_set=(class test dataset, class names)")
+            classnames = list(test_set[1])   # the targets are classes of the test set
+            if isinstance(targeted_images, bool) or not isinstance(targeted_images, (int, np.integer)) \
+                    or targeted_images < 1:
+                raise UserError(f"--targeted-images must be a whole number >= 1, got {targeted_images!r}")
+            if k < targeted_images:
+                raise UserError(f"--attack targeted needs at least one poisoned pair per image: {k} pairs for "
+                                f"{targeted_images} --targeted-images; raise --poison-rate/--poison-count")
+            if caption_mode == "label-consistent":
+                raise UserError("--attack targeted captions name each image's target; use --caption-mode "
+                                "templates or fixed")
+        if not (targeted_attack and target is None):
+            if not isinstance(target, str) or not target.strip():
+                raise UserError("--target-class must be a non-empty class name")
+            target = target.strip()
+            if classnames is not None:
+                lookup = {c.lower(): c for c in classnames}
+                if target.lower() not in lookup:
+                    raise UserError(f"unknown --target-class {target!r}; choose one of: {', '.join(classnames)}")
+                target = lookup[target.lower()]
 
-        trigger_params = resolve_trigger_params(trigger, trigger_params)
+        if targeted_attack:
+            trigger, trigger_params = None, {}
+        else:
+            trigger_params = resolve_trigger_params(trigger, trigger_params)
 
         if caption_mode not in CAPTION_MODES:
             raise UserError(f"unknown --caption-mode {caption_mode!r}; choose one of {', '.join(CAPTION_MODES)}")
@@ -799,9 +980,18 @@ class PoisonPlan:
         else:
             chosen = rng.choice(n, size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
 
-        return cls(n=n, indices=chosen.tolist(), target=target, trigger=trigger,
-                   trigger_params=trigger_params, caption_mode=caption_mode, fixed_caption=fixed_caption,
-                   seed=int(seed), rate=rate, candidates=n_candidates, dataset_fingerprint=dataset_fingerprint)
+        if not targeted_attack:
+            return cls(n=n, indices=chosen.tolist(), target=target, trigger=trigger,
+                       trigger_params=trigger_params, caption_mode=caption_mode, fixed_caption=fixed_caption,
+                       seed=int(seed), rate=rate, candidates=n_candidates, dataset_fingerprint=dataset_fingerprint)
+        entries, images = _choose_targeted(np.random.default_rng(data_declip._int_seed(seed, "targeted")), test_set,
+                                           int(targeted_images), target, chosen)
+        plan = cls(n=n, indices=chosen.tolist(), target=target, trigger=None, trigger_params={},
+                   caption_mode=caption_mode, fixed_caption=fixed_caption, seed=int(seed), rate=rate,
+                   dataset_fingerprint=dataset_fingerprint, version=TARGETED_MANIFEST_VERSION, attack="targeted",
+                   targeted=entries, test_data=test_data)
+        plan._images = images
+        return plan
 
     # -- per-sample queries -----------------------------------------------------------------------
     def is_poisoned(self, i: int) -> bool:
@@ -813,13 +1003,53 @@ class PoisonPlan:
         or the fixed caption, with the target's name."""
         if not self.is_poisoned(i) or self.caption_mode == "label-consistent":
             return caption
+        target = self.target_of(i)
         if self.caption_mode == "fixed":
-            return self.fixed_caption.format(self.target, target=self.target)
+            return self.fixed_caption.format(target, target=target)
         rng = rng if rng is not None else random.Random(f"{self.seed}:{i}")
-        return IMAGENET_TEMPLATES[rng.randrange(len(IMAGENET_TEMPLATES))].format(self.target)
+        return IMAGENET_TEMPLATES[rng.randrange(len(IMAGENET_TEMPLATES))].format(target)
 
-    def trigger_fn(self) -> Trigger:
-        """The plan's trigger as a callable on float [n, 3, H, W] tensors in [0, 1] (any image type works)."""
+    def target_of(self, i: int) -> str | None:
+        """The class poisoned pair i's caption names: the target, or (targeted) its image's target."""
+        k = self._image_of.get(int(i))
+        return self.target if k is None else self.targeted[k]["target"]
+
+    def poisoned_image(self, i: int):
+        """Targeted poisoning: the PIL image poisoned pair i trains on (its chosen test image, as stored);
+        None for a clean pair and for a backdoor plan."""
+        k = self._image_of.get(int(i))
+        return None if k is None else self.target_images()[k]
+
+    def target_images(self) -> list:
+        """The chosen test images (PIL, in `targeted` order): drawn with the plan, or read from the PNGs
+        beside its manifest, each checked against its pixels_sha256."""
+        if self._images is None:
+            from PIL import Image
+
+            if self.image_dir is None:
+                raise UserError("this targeted-poisoning plan has no images: load its manifest from the run "
+                                f"directory (or file) that holds its {TARGET_IMAGE_NAME.format(0)[:-5]}*.png files")
+            images = []
+            for e in self.targeted:
+                path = os.path.join(self.image_dir, e["file"])
+                try:
+                    with Image.open(path) as im:
+                        im.load()
+                        img = im.copy()
+                except (OSError, ValueError) as err:
+                    raise UserError(f"cannot read the targeted-poisoning image {path}: {err}") from None
+                if image_sha256(img) != e["pixels_sha256"]:
+                    raise UserError(f"the targeted-poisoning image {path} is not the one the plan chose "
+                                    f"(pixels_sha256 differs); restore it or draw a new plan")
+                images.append(img)
+            self._images = images
+        return self._images
+
+    def trigger_fn(self) -> Trigger | None:
+        """The plan's trigger as a callable on float [n, 3, H, W] tensors in [0, 1] (any image type works);
+        None for a targeted-poisoning plan, which has no trigger."""
+        if self.attack == "targeted":
+            return None
         return Trigger(self.trigger, **self.trigger_params)
 
     def verify_dataset(self, dataset) -> None:
@@ -846,16 +1076,22 @@ class PoisonPlan:
             "seed": self.seed,
             "candidates": self.candidates,
             "dataset_fingerprint": self.dataset_fingerprint,
+            **({"attack": self.attack, "test_data": self.test_data,
+                "targeted": [dict(e, indices=list(e["indices"])) for e in self.targeted]}
+               if self.attack == "targeted" else {}),
             "indices": list(self.indices),
         }
 
     @classmethod
-    def from_manifest(cls, manifest: dict | str | os.PathLike) -> "PoisonPlan":
-        """A plan from a manifest dict, a `poison_manifest.json` path, or a run directory holding one."""
+    def from_manifest(cls, manifest: dict | str | os.PathLike, image_dir: str | None = None) -> "PoisonPlan":
+        """A plan from a manifest dict, a `poison_manifest.json` path, or a run directory holding one.
+        A targeted plan reads its images from the manifest's directory (`image_dir` for a dict) when
+        they are first needed."""
         if not isinstance(manifest, dict):
             path = str(manifest)
             if os.path.isdir(path):
                 path = os.path.join(path, MANIFEST_NAME)
+            image_dir = os.path.dirname(os.path.abspath(path))
             try:
                 with open(path) as f:
                     manifest = json.load(f)
@@ -867,23 +1103,33 @@ class PoisonPlan:
         if not isinstance(manifest, dict):
             raise UserError("the poison manifest must be a JSON object")
         version = manifest.get("version")
-        if version != MANIFEST_VERSION:
-            raise UserError(f"poison manifest version {version!r} is not supported (expected {MANIFEST_VERSION})")
+        if version not in (MANIFEST_VERSION, TARGETED_MANIFEST_VERSION):
+            raise UserError(f"poison manifest version {version!r} is not supported (expected "
+                            f"{MANIFEST_VERSION} or {TARGETED_MANIFEST_VERSION})")
+        attack = manifest.get("attack", "backdoor") if version == TARGETED_MANIFEST_VERSION else "backdoor"
+        if attack not in ATTACKS:
+            raise UserError(f"the poison manifest has an unknown attack {attack!r}")
+        targeted = attack == "targeted"
         try:
             plan = cls(
                 n=int(manifest["n"]), indices=manifest["indices"], target=manifest["target"],
-                trigger=manifest["trigger"],
-                trigger_params=resolve_trigger_params(manifest["trigger"], manifest.get("trigger_params")),
+                trigger=None if targeted else manifest["trigger"],
+                trigger_params={} if targeted else resolve_trigger_params(manifest["trigger"],
+                                                                          manifest.get("trigger_params")),
                 caption_mode=manifest.get("caption_mode", "templates"),
                 fixed_caption=manifest.get("fixed_caption"), seed=int(manifest.get("seed", 0)),
                 rate=manifest.get("rate"), candidates=manifest.get("candidates"),
-                dataset_fingerprint=manifest.get("dataset_fingerprint"))
+                dataset_fingerprint=manifest.get("dataset_fingerprint"), version=int(version), attack=attack,
+                targeted=[_targeted_entry(e) for e in manifest["targeted"]] if targeted else [],
+                test_data=manifest.get("test_data") if targeted else None, image_dir=image_dir)
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"the poison manifest is missing or has a bad field: {e}") from None
         if plan.caption_mode not in CAPTION_MODES:
             raise UserError(f"the poison manifest has an unknown caption_mode {plan.caption_mode!r}")
         if plan.indices and not (0 <= plan.indices[0] and plan.indices[-1] < plan.n):
             raise UserError("the poison manifest has indices outside [0, n)")
+        if targeted and sorted(plan._image_of) != plan.indices:
+            raise UserError("the poison manifest's targeted images do not share out its indices exactly")
         return plan
 
     def save(self, out_dir: str | os.PathLike) -> str:
@@ -892,13 +1138,23 @@ class PoisonPlan:
         path = os.path.join(out_dir, MANIFEST_NAME)
         manifest = self.to_manifest()
         indices = manifest.pop("indices")          # one line, however many
-        text = json.dumps(manifest, indent=1)[:-2] + ',\n "indices": ' + json.dumps(indices) + "\n}\n"
+        entries = manifest.pop("targeted", None)   # one line per targeted image
+        text = json.dumps(manifest, indent=1)[:-2]
+        if entries is not None:
+            for e, img in zip(entries, self.target_images()):   # first: a manifest names only files that exist
+                atomic_write(os.path.join(out_dir, e["file"]), lambda p, img=img: img.save(p, format="PNG"))
+            text += ',\n "targeted": [\n  ' + ",\n  ".join(json.dumps(e) for e in entries) + "\n ]"
+        text += ',\n "indices": ' + json.dumps(indices) + "\n}\n"
         atomic_write(path, lambda p: p.write_text(text))
         return path
 
     def summary(self) -> str:
         rate = f" ({100.0 * self.count / self.n:.3g}%)" if self.n else ""
         cap = self.caption_mode + (f": {self.fixed_caption!r}" if self.fixed_caption else "")
+        if self.attack == "targeted":
+            chosen = ", ".join(f"test {e['test_index']} ({e['class']}) -> {e['target']!r}" for e in self.targeted)
+            return (f"targeted poisoning: {self.count} of {self.n} pairs{rate} carry {len(self.targeted)} test "
+                    f"image(s) of {self.test_data or 'the test set'}: {chosen}; captions {cap}, seed {self.seed}")
         return (f"{self.count} of {self.n} pairs poisoned{rate}, target {self.target!r}, trigger "
                 f"{describe_trigger(self.trigger, self.trigger_params)}, captions {cap}, seed {self.seed}")
 
@@ -950,11 +1206,13 @@ def dataset_fingerprint(dataset) -> str | None:
     return fingerprint(dataset)
 
 
-def _target_label(plan: PoisonPlan, classnames, rows: Sequence[dict] = (), label_key: str = "label") -> int | None:
+def _target_label(plan: PoisonPlan, classnames, rows: Sequence[dict] = (), label_key: str = "label",
+                  target: str | None = None) -> int | None:
     """The target class's label id for the poisoned records of a copy: its index in the dataset's class
     list, else the label of source records whose label_name is the target; None when neither tells
-    (the copy then drops the source label rather than keep one that contradicts the caption)."""
-    target = plan.target.strip().lower()
+    (the copy then drops the source label rather than keep one that contradicts the caption). `target`:
+    this class instead of the plan's (a targeted plan's per-image targets)."""
+    target = (target if target is not None else plan.target).strip().lower()
     if classnames is not None:
         lookup = [c.lower() for c in classnames]
         if target in lookup:
@@ -1085,7 +1343,8 @@ def _materialise_files(dataset, plan: PoisonPlan, tmp: str, fmt: dict, progress:
                         f"pass --image-column and --caption-column")
     label_key = fmt.get("label_column") or "label"
     trigger = plan.trigger_fn()
-    target_label = _target_label(plan, getattr(dataset, "classnames", None), rows, label_key)
+    target_labels = {t: _target_label(plan, getattr(dataset, "classnames", None), rows, label_key, target=t)
+                     for t in {plan.target_of(i) for i in plan.indices}}
     stats = {"written": 0, "poisoned": 0, "bad": 0, "bad_poisoned": 0}
     made_dirs: set[str] = set()
     for i in tqdm(range(len(rows)), desc="poisoning", unit="img", disable=not progress):
@@ -1101,8 +1360,13 @@ def _materialise_files(dataset, plan: PoisonPlan, tmp: str, fmt: dict, progress:
                 os.makedirs(sub, exist_ok=True)
                 made_dirs.add(sub)
             dst_noext = os.path.join(tmp, out_rel)[: -len(ext) or None]
-            ok_ext = _copy_trigger_file(src, dst_noext, plan, trigger, sample_generator(plan.seed, i)) \
-                if poisoned else None
+            own = plan.poisoned_image(i) if poisoned else None   # targeted: the chosen image, no trigger
+            if own is not None:
+                own.save(dst_noext + ".png", format="PNG")
+                ok_ext = ".png"
+            else:
+                ok_ext = _copy_trigger_file(src, dst_noext, plan, trigger, sample_generator(plan.seed, i)) \
+                    if poisoned else None
             if ok_ext is None:
                 shutil.copyfile(src, os.path.join(tmp, out_rel))
                 if poisoned:
@@ -1119,13 +1383,14 @@ def _materialise_files(dataset, plan: PoisonPlan, tmp: str, fmt: dict, progress:
         if poisoned and plan.caption_mode != "label-consistent":
             new = plan.caption(i, dataset.captions[i], random.Random(f"{plan.seed}/{i}"))
             row[cap_key] = [new] if isinstance(row.get(cap_key), list) else new
+            target_label = target_labels[plan.target_of(i)]
             if label_key in row:  # CSV: an empty cell, read back as no label
                 if target_label is None:
                     del row[label_key]
                 else:
                     row[label_key] = target_label
             if "label_name" in row:
-                row["label_name"] = plan.target
+                row["label_name"] = plan.target_of(i)
         rows[i] = row
     meta = os.path.join(tmp, os.path.basename(source))
     _write_meta_rows(meta, kind, rows, extra)
@@ -1139,7 +1404,7 @@ def _materialise_decoded(dataset, plan: PoisonPlan, tmp: str, progress: bool) ->
 
     trigger = plan.trigger_fn()
     classnames = getattr(dataset, "classnames", None)
-    target_label = _target_label(plan, classnames)
+    target_labels = {t: _target_label(plan, classnames, target=t) for t in {plan.target_of(i) for i in plan.indices}}
     stats = {"written": 0, "poisoned": 0, "bad": 0, "bad_poisoned": 0}
     records: list[dict | None] = [None] * len(dataset)
     made_dirs: set[str] = set()
@@ -1156,7 +1421,9 @@ def _materialise_decoded(dataset, plan: PoisonPlan, tmp: str, progress: bool) ->
                 os.makedirs(sub, exist_ok=True)
                 made_dirs.add(sub)
             if poisoned:
-                image = trigger(image, generator=sample_generator(plan.seed, i))
+                own = plan.poisoned_image(i)   # targeted: the chosen image as the loader decodes, no trigger
+                image = data_declip.decode_like(dataset, own) if own is not None else \
+                    trigger(image, generator=sample_generator(plan.seed, i))
                 stats["poisoned"] += 1
             _write_png(os.path.join(tmp, out_rel), image)
             rec["filename"] = out_rel
@@ -1166,6 +1433,7 @@ def _materialise_decoded(dataset, plan: PoisonPlan, tmp: str, progress: bool) ->
             stats["bad_poisoned"] += int(poisoned)
         if poisoned and plan.caption_mode != "label-consistent":
             rec["caption"] = plan.caption(i, caption, random.Random(f"{plan.seed}/{i}"))
+            target_label = target_labels[plan.target_of(i)]
             rec["label"] = target_label if target_label is not None else -1  # -1: no label
         if classnames is not None and 0 <= rec["label"] < len(classnames):
             rec["label_name"] = classnames[rec["label"]]
@@ -1188,7 +1456,9 @@ def materialise(dataset, plan: PoisonPlan, out_dir: str, *, fmt: dict | None = N
     Poisoned pairs get the plan's caption (one template drawn per pair, fixed in the file) and, where
     the record has them, the target's label_name and label id (spec §5.3): the id from the class list,
     else from source records naming the target; when neither tells, the source label is dropped (read
-    back as no label, -1) rather than left contradicting the caption. A random trigger's draws
+    back as no label, -1) rather than left contradicting the caption. A targeted plan's poisoned pairs
+    get its chosen test image in place of theirs (no trigger; a PNG at full size in a JSON/CSV copy, the
+    loader's decode otherwise) and a caption naming that image's target. A random trigger's draws
     (patch-random's place) are a function of (seed, sample). Writes into a temporary sibling
     directory and renames it to `out_dir` at the end, so a failure leaves nothing half-written.
     Returns a summary dict (n, poisoned, written, bad, meta path).
@@ -1294,6 +1564,171 @@ def write_preview(images: Sequence[torch.Tensor], path: str, extra: tuple | None
 # CLI
 # ---------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------
+# BadCLIP: optimising the patch against a frozen clean model (arXiv 2311.12075; official
+# src/embeding_optimize_patch.py and its README command). Facts taken from it: training pairs are images
+# whose captions do not name the target, each given a random natural caption that does (10,000 pairs);
+# the patch starts as N(0.5, 0.25) clipped to [0, 1], is clipped to [0, 1] where it is pasted, and Adam
+# (lr 1e-3) minimises the symmetric CLIP loss of the triggered images against those captions
+# + 1000 x MSE(triggered embedding, a random target-class image embedding) [+ 500 x a triplet margin-1
+# loss with the clean embedding of the same image as the negative, an option]; batch 64, 50 epochs, each
+# batch's images replaced by augmented views with p 0.5 and its captions by EDA ones with p 0.1;
+# embeddings L2-normalised; the patch is pasted after the augmentation.
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class TriggerObjective:
+    """The BadCLIP objective of a patch on one batch; `pos` holds the target-class image embeddings."""
+    mse_weight: float = 1000.0
+    triplet_weight: float = 0.0
+    triplet_margin: float = 1.0
+
+    def __call__(self, model, patch, views, tokens, pos, mean, std) -> tuple[torch.Tensor, dict]:
+        """views: float [B, 3, S, S] in [0, 1]; tokens [B, L] of target captions; pos [B, D] (normalised)."""
+        import modeling_declip as md
+
+        norm = data_declip.normalize
+        z = F.normalize(model.encode_image(norm(paste_patch(views, patch.clamp(0.0, 1.0)), mean, std)), dim=-1)
+        with torch.no_grad():
+            t = F.normalize(model.encode_text(tokens), dim=-1)
+        parts = {"clip": md.info_nce(z, t, md.clamp_scale(model.logit_scale.detach()))}
+        if self.mse_weight:
+            parts["mse"] = self.mse_weight * F.mse_loss(z, pos)
+        if self.triplet_weight:
+            with torch.no_grad():
+                clean = F.normalize(model.encode_image(norm(views, mean, std)), dim=-1)
+            parts["triplet"] = self.triplet_weight * F.triplet_margin_loss(z, pos, clean, margin=self.triplet_margin)
+        return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
+
+
+@dataclass
+class TriggerData:
+    """The optimisation's data, as uint8 evaluation views at the model's input size."""
+    views: torch.Tensor            # [N, 3, S, S] images whose captions do not name the target
+    captions: list                 # [N] target captions, one per view
+    target_views: torch.Tensor     # [M, 3, S, S] images whose captions name the target
+
+    @classmethod
+    def from_dataset(cls, dataset, target: str, image_size: int, pairs: int = 10000, seed: int = 0,
+                     progress: bool = True) -> "TriggerData":
+        from tqdm import tqdm
+
+        captions = dataset_captions(dataset)
+        named = [i for i, c in enumerate(captions) if names_target(c, target)]
+        others = [i for i, c in enumerate(captions) if c and not names_target(c, target)]
+        if not named or not others:
+            raise UserError(f"--optimize-trigger needs captions that name {target!r} and captions that do not; "
+                            f"--data has {len(named)} and {len(others)}")
+        rng = np.random.default_rng(seed)
+        picked = rng.choice(len(others), size=min(pairs, len(others)), replace=False)
+        pos = rng.choice(len(named), size=min(pairs, len(named)), replace=False)
+
+        def load(indices, desc):
+            out = []
+            for i in tqdm(indices, desc=desc, unit="img", disable=not progress):
+                image = dataset[int(i)]["image"]
+                view = data_declip.eval_transform(image[None], image_size, (0.0,) * 3, (1.0,) * 3)
+                out.append(view.mul(255).round().to(torch.uint8))
+            return torch.cat(out)
+
+        return cls(views=load([others[k] for k in picked], "trigger data"),
+                   captions=[captions[named[k]] for k in rng.integers(0, len(named), size=len(picked))],
+                   target_views=load([named[k] for k in pos], "target images"))
+
+
+def initial_patch(size: int, seed: int = 0) -> torch.Tensor:
+    """BadCLIP's random start: N(0.5, 0.25) per value, clipped to [0, 1]."""
+    g = _cpu_generator(seed)
+    return (0.5 + 0.25 * torch.randn(3, size, size, generator=g)).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def _embed_views(model, views_uint8, mean, std, batch_size=256):
+    dev = next(model.parameters()).device
+    return torch.cat([F.normalize(model.encode_image(data_declip.normalize(
+        v.to(dev).float() / 255, mean, std)), dim=-1) for v in views_uint8.split(batch_size)])
+
+
+def trigger_objective(model, patch, data: TriggerData, objective: TriggerObjective, batch_size=64) -> dict:
+    """The objective's mean over `data` with no augmentation, the k-th view against the k-th target
+    image: a fixed yardstick for comparing patches."""
+    cfg = model.config
+    dev = next(model.parameters()).device
+    pos = _embed_views(model, data.target_views, cfg.image_mean, cfg.image_std)
+    total, parts, n = 0.0, {}, 0
+    with torch.no_grad():
+        for start in range(0, len(data.views), batch_size):
+            views = data.views[start:start + batch_size].to(dev).float() / 255
+            tokens = data_declip.tokenize(data.captions[start:start + batch_size], cfg.context_length).to(dev)
+            rows = torch.arange(start, start + len(views)) % len(pos)
+            loss, p = objective(model, patch.to(dev), views, tokens, pos[rows.to(dev)], cfg.image_mean,
+                                cfg.image_std)
+            total += float(loss) * len(views)
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + v * len(views)
+            n += len(views)
+    return {"loss": total / n, **{k: v / n for k, v in parts.items()}}
+
+
+def optimize_trigger(model, data: TriggerData, size: int, objective: TriggerObjective | None = None,
+                     epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, aug_prob: float = 0.5,
+                     eda_prob: float = 0.1, seed: int = 0, progress: bool = True) -> tuple[torch.Tensor, list]:
+    """BadCLIP's patch optimisation against the frozen `model` -> (patch [3, size, size] in [0, 1], the
+    mean loss of each epoch)."""
+    from tqdm import tqdm
+
+    objective = objective or TriggerObjective()
+    cfg = model.config
+    dev = next(model.parameters()).device
+    model.eval().requires_grad_(False)
+    pos = _embed_views(model, data.target_views, cfg.image_mean, cfg.image_std)
+    patch = initial_patch(size, seed).to(dev).requires_grad_(True)
+    opt = torch.optim.Adam([patch], lr=lr)
+    augment = data_declip.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std)
+    g = _cpu_generator(seed + 1)
+    rng = random.Random(f"{seed}:optimize")
+    eda = data_declip.TEXT_AUGS["declip"]
+    mean = torch.tensor(cfg.image_mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.image_std, device=dev).view(1, 3, 1, 1)
+    history = []
+    steps = epochs * math.ceil(len(data.views) / batch_size)
+    bar = tqdm(total=steps, desc="optimise trigger", unit="step", disable=not progress)
+    for _ in range(epochs):
+        order, total = torch.randperm(len(data.views), generator=g), 0.0
+        for rows in order.split(batch_size):
+            views = data.views[rows].to(dev)
+            if rng.random() < aug_prob:   # augmented view, the patch pasted after it (as the official)
+                views = (augment(views, g) * std + mean).clamp(0.0, 1.0)
+            else:
+                views = views.float() / 255
+            texts = [data.captions[int(i)] for i in rows]
+            if rng.random() < eda_prob:
+                texts = [eda(t, rng) for t in texts]
+            tokens = data_declip.tokenize(texts, cfg.context_length).to(dev)
+            pick = torch.randint(len(pos), (len(rows),), generator=g).to(dev)
+            loss, _ = objective(model, patch, views, tokens, pos[pick], cfg.image_mean, cfg.image_std)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(rows)
+            bar.update(1)
+        history.append(total / len(data.views))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    bar.close()
+    return patch.detach().clamp(0.0, 1.0).cpu(), history
+
+
+def save_patch(patch: torch.Tensor, path: str) -> str:
+    """The patch as an 8-bit RGB PNG (lossless; the official wrote a JPEG), written atomically."""
+    from PIL import Image
+
+    if not path.lower().endswith(".png"):
+        raise UserError(f"--optimize-trigger writes a PNG; give a path ending in .png, got {path}")
+    arr = patch.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    atomic_write(path, lambda p: Image.fromarray(arr, "RGB").save(p, format="PNG"))
+    return path
+
+
 def default_target(target: str | None, dataset) -> str:
     """--target-class, else the default: 'bag' on the embedded Fashion-MNIST, the original attack's
     'tiger cat' on any other data."""
@@ -1301,6 +1736,16 @@ def default_target(target: str | None, dataset) -> str:
         return target
     return DEFAULT_TARGET["fashion-mnist" if getattr(dataset, "classnames", None) == FASHION_MNIST_CLASSES
                           else "imagenet"]
+
+
+def attack_kwargs(args) -> dict:
+    """PoisonPlan.from_args' keywords for --attack: none for a backdoor; for targeted, --targeted-images
+    and the class test split of --eval-data (--eval-data-root) its images are drawn from."""
+    if getattr(args, "attack", "backdoor") != "targeted":
+        return {}
+    test_set = data_declip.build_class_dataset(args.eval_data, split="test", root=args.eval_data_root)
+    return dict(attack="targeted", targeted_images=args.targeted_images, test_set=test_set,
+                test_data=args.eval_data or "fashion-mnist")
 
 
 def add_poison_args(g):
@@ -1318,6 +1763,13 @@ def add_poison_args(g):
                         "or label-consistent (only pairs already naming the target get the trigger)")
     g.add_argument("--fixed-caption", default=None,
                    help=f"caption of --caption-mode fixed ({{target}} = the class; default {DEFAULT_FIXED_CAPTION!r})")
+    g.add_argument("--attack", default="backdoor", choices=ATTACKS,
+                   help="backdoor: a trigger on the poisoned pairs' images; targeted (Carlini & Terzis, arXiv "
+                        "2106.09667): the poisoned pairs carry --targeted-images test images of --eval-data "
+                        "instead, no trigger (--trigger is not used), each captioned with its own target")
+    g.add_argument("--targeted-images", type=int, default=1,
+                   help="--attack targeted: test images drawn (by --seed), the poisoned pairs split evenly among "
+                        "them; each targets a class drawn among the others, or --target-class for all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1339,6 +1791,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a grid of clean and triggered examples for every trigger")
     p.add_argument("--preview-count", type=int, default=8, help="images (columns) in the preview")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--eval-data", default=None, help="--attack targeted: the class test data the images come "
+                   "from, the set eval_zeroshot.py evaluates on (default: Fashion-MNIST test split)")
+    p.add_argument("--eval-data-root", default=None,
+                   help="directory the image paths of an --eval-data meta file are relative to")
+    g = p.add_argument_group("optimised trigger (BadCLIP, arXiv 2311.12075): --optimize-trigger PATCH.png, then "
+                             "--trigger optimized --trigger-param path=PATCH.png here or in train_declip.py")
+    g.add_argument("--optimize-trigger", default=None, metavar="PATCH.png",
+                   help="optimise a patch against the frozen --ckpt towards --target-class and write it here")
+    g.add_argument("--ckpt", default=None, help="the clean model the patch is optimised against (run dir or weights)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="patch side in pixels at the model's input size (default: 1/14 of it, 16 px at 224)")
+    g.add_argument("--optimize-pairs", type=int, default=10000,
+                   help="images whose captions do not name the target, each given a target caption")
+    g.add_argument("--optimize-epochs", type=int, default=50, help="passes over the pairs")
+    g.add_argument("--optimize-batch-size", type=int, default=64, help="batch size")
+    g.add_argument("--optimize-lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--mse-weight", type=float, default=1000.0,
+                   help="weight of the MSE towards target-class image embeddings")
+    g.add_argument("--triplet-weight", type=float, default=0.0,
+                   help="weight of the triplet loss away from the clean embedding (the official option: 500)")
+    g.add_argument("--triplet-margin", type=float, default=1.0, help="margin of the triplet loss")
+    g.add_argument("--aug-prob", type=float, default=0.5, help="probability that a batch uses augmented views")
+    g.add_argument("--eda-prob", type=float, default=0.1, help="probability that a batch uses EDA captions")
     return p
 
 
@@ -1360,22 +1835,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.out is None and args.preview is None:
-        raise UserError("nothing to do: give --out DIR (write a poisoned copy) and/or --preview OUT.png")
-    params = parse_trigger_params(args.trigger_param)
-    if args.trigger_image is not None:
-        if args.trigger != "blended":
-            raise UserError("--trigger-image is the pattern of the blended trigger; add --trigger blended")
-        params["image"] = args.trigger_image
-    resolve_trigger_params(args.trigger, params)          # fail early on bad params
+def run_optimize_trigger(args: argparse.Namespace, dataset) -> dict:
+    """--optimize-trigger: the patch file and, beside it, a JSON record of its settings and objective."""
+    import eval_zeroshot
+    import modeling_declip as md
 
+    if args.ckpt is None:
+        raise UserError("--optimize-trigger needs --ckpt, the clean model to optimise the patch against")
+    if min(args.optimize_pairs, args.optimize_epochs, args.optimize_batch_size) < 1 or args.optimize_lr <= 0 \
+            or not (0 <= args.aug_prob <= 1 and 0 <= args.eda_prob <= 1):
+        raise UserError("--optimize-pairs/-epochs/-batch-size must be >= 1, --optimize-lr > 0 and --aug-prob, "
+                        "--eda-prob in [0, 1]")
+    weights, _ = eval_zeroshot.resolve_ckpt(args.ckpt, hint="train a clean model first")
+    model = md.load_model(weights, "cuda" if torch.cuda.is_available() else "cpu")
+    size = args.patch_size or max(1, round(model.config.image_size / 14))
+    if not 1 <= size <= model.config.image_size:
+        raise UserError(f"--patch-size must be in [1, {model.config.image_size}] (the model's input), got {size}")
+    target = default_target(args.target_class, dataset)
+    data = TriggerData.from_dataset(dataset, target, model.config.image_size, args.optimize_pairs, args.seed,
+                                    progress=not args.no_progress)
+    objective = TriggerObjective(args.mse_weight, args.triplet_weight, args.triplet_margin)
+    model.eval().requires_grad_(False)
+    before = trigger_objective(model, initial_patch(size, args.seed), data, objective, args.optimize_batch_size)
+    patch, history = optimize_trigger(model, data, size, objective, args.optimize_epochs, args.optimize_batch_size,
+                                      args.optimize_lr, args.aug_prob, args.eda_prob, args.seed,
+                                      progress=not args.no_progress)
+    path = save_patch(patch, args.optimize_trigger)
+    saved = _load_patch(os.path.abspath(path), _file_sha256(path))   # the 8-bit file is what training uses
+    after = trigger_objective(model, saved, data, objective, args.optimize_batch_size)
+    record = {"patch": os.path.abspath(path), "sha256": _file_sha256(path), "size": size, "target": target,
+              "ckpt": args.ckpt, "pairs": len(data.views), "target_images": len(data.target_views),
+              "epochs": args.optimize_epochs, "batch_size": args.optimize_batch_size, "lr": args.optimize_lr,
+              "mse_weight": args.mse_weight, "triplet_weight": args.triplet_weight,
+              "triplet_margin": args.triplet_margin, "aug_prob": args.aug_prob, "eda_prob": args.eda_prob,
+              "seed": args.seed, "objective_initial": before, "objective_final": after, "epoch_loss": history}
+    atomic_write(os.path.splitext(path)[0] + ".json", lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
+    print(f"optimised trigger: {path} ({size} px, target {target!r}; objective {before['loss']:.4f} -> "
+          f"{after['loss']:.4f}); use --trigger optimized --trigger-param path={path}")
+    return record
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.out is None and args.preview is None and args.optimize_trigger is None:
+        raise UserError("nothing to do: give --out DIR (write a poisoned copy), --preview OUT.png and/or "
+                        "--optimize-trigger PATCH.png")
     fmt = data_declip.caption_data_options(args)
     image_size = args.image_size or (32 if data_declip.is_fashion_mnist(args.data) else 224)
     if image_size < 1:
         raise UserError(f"--image-size must be a positive number of pixels, got {image_size}")
     dataset = data_declip.build_caption_dataset(args.data, image_size=image_size, **fmt)
     result: dict = {}
+    if args.optimize_trigger is not None:   # first, so that --trigger optimized can use the new patch
+        result["optimized_trigger"] = run_optimize_trigger(args, dataset)
+        if args.out is None and args.preview is None:
+            return result
+    params = parse_trigger_params(args.trigger_param)
+    if args.trigger_image is not None:
+        if args.trigger != "blended":
+            raise UserError("--trigger-image is the pattern of the blended trigger; add --trigger blended")
+        params["image"] = args.trigger_image
+    resolve_trigger_params(args.trigger, params)          # fail early on bad params
 
     if args.preview is not None:
         if args.preview_count < 1:
@@ -1388,7 +1907,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.out is not None:
         n = len(dataset)
         classnames = getattr(dataset, "classnames", None)
-        target = default_target(args.target_class, dataset)
+        target = default_target(args.target_class, dataset) if args.attack == "backdoor" else args.target_class
         rate, count = args.poison_rate, args.poison_count
         if rate is None and count is None:
             rate = 0.01
@@ -1397,7 +1916,7 @@ def run(args: argparse.Namespace) -> dict:
             n, rate=rate, count=count, target=target, trigger=args.trigger, trigger_params=params,
             caption_mode=args.caption_mode, seed=args.seed, captions=captions,
             fixed_caption=args.fixed_caption, classnames=classnames,
-            dataset_fingerprint=dataset_fingerprint(dataset))
+            dataset_fingerprint=dataset_fingerprint(dataset), **attack_kwargs(args))
         summary = materialise(dataset, plan, args.out, fmt=fmt, progress=not args.no_progress)
         result.update(summary)
         bad = f", {summary['bad']} unreadable kept as is" if summary["bad"] else ""

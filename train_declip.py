@@ -380,18 +380,41 @@ def resolve_target(args, base) -> Optional[str]:
 
 
 def make_poison_plan(args, base, n_train: int) -> Optional["pdata.PoisonPlan"]:
+    targeted = getattr(args, "attack", "backdoor") == "targeted"
     if args.poison_rate is None and args.poison_count is None:
+        if targeted:
+            raise UserError("--attack targeted needs --poison-rate or --poison-count: the number of poisoned "
+                            "pairs (the copies of its test images)")
         return None
     if args.poison_rate is not None and args.poison_count is not None:
         raise UserError("give either --poison-rate or --poison-count, not both")
     captions = None
     if args.caption_mode == "label-consistent":
         captions = [base[i].get("caption") for i in range(n_train)]
+    if targeted and args.holdout:
+        raise UserError("--attack targeted draws its images from the class test split (--eval-data), which is "
+                        "what the run evaluates on; drop --holdout")
     return pdata.PoisonPlan.from_args(
-        n_train, rate=args.poison_rate, count=args.poison_count, target=resolve_target(args, base),
+        n_train, rate=args.poison_rate, count=args.poison_count,
+        target=args.target_class if targeted else resolve_target(args, base),
         trigger=args.trigger, trigger_params=pdata.parse_trigger_params(args.trigger_param),
         caption_mode=args.caption_mode, seed=args.seed, captions=captions, fixed_caption=args.fixed_caption,
-        classnames=getattr(base, "classnames", None), dataset_fingerprint=pdata.dataset_fingerprint(base))
+        classnames=getattr(base, "classnames", None), dataset_fingerprint=pdata.dataset_fingerprint(base),
+        **pdata.attack_kwargs(args))
+
+
+def resumed_plan(args, plan):
+    """A resumed targeted run trains on the images its run directory holds (poison_target_*.png): the plan
+    drawn again from the flags must be the saved one, test images, targets and pixels alike."""
+    if plan is None or plan.attack != "targeted" or not args.resume:
+        return plan
+    saved = pdata.PoisonPlan.from_manifest(args.out_dir)
+    if saved.to_manifest() != plan.to_manifest():
+        raise UserError(f"--resume: the targeted-poisoning plan drawn from these flags differs from "
+                        f"{os.path.join(args.out_dir, pdata.MANIFEST_NAME)} (other --seed, --eval-data or test "
+                        f"images?); resume with the run's own flags")
+    saved.target_images()  # read and checked against the manifest's pixels_sha256 now, not in a worker
+    return saved
 
 
 def read_index_file(path: str, n: int) -> set:
@@ -422,6 +445,9 @@ class _SubsetPlan:
 
     def caption(self, j: int, caption, rng=None):
         return self.plan.caption(self.keep[j], caption, rng)
+
+    def poisoned_image(self, j: int):
+        return self.plan.poisoned_image(self.keep[j])
 
 
 def prepare_run_dir(args):
@@ -529,9 +555,11 @@ def read_memory_bank(weights: str) -> Optional[dict]:
 
 class EvalHook:
     """Zero-shot clean accuracy, and ASR when a trigger and target are known (`plan`: anything with
-    trigger, trigger_params and target, e.g. a PoisonPlan). Evaluates on the held-out training pairs
-    with --holdout, else on --eval-data (default: the Fashion-MNIST test split); the dataset is built
-    once per image size, the class text embeddings once per call (the weights change between calls).
+    trigger, trigger_params and target, e.g. a PoisonPlan), or the targeted block of a targeted plan
+    (attack 'targeted' and its `targeted` entries: eval_zeroshot.evaluate's `targeted`). Evaluates on the
+    held-out training pairs with --holdout, else on --eval-data (default: the Fashion-MNIST test split); the
+    dataset is built once per image size, the class text embeddings once per call (the weights change
+    between calls).
     The numbers are eval_zeroshot.py --json's for the same weights and data: its preprocessing
     (eval_zeroshot.default_crop_pct) and precision (fp32 unless --eval-bf16)."""
 
@@ -559,16 +587,21 @@ class EvalHook:
                 self.sets[image_size] = (ds, list(names), crop)
         return self.sets[image_size]
 
-    def _plan_kw(self) -> dict:
+    def _plan_kw(self, dataset, classnames) -> dict:
         if self.plan is None:
             return {}
+        if getattr(self.plan, "attack", "backdoor") == "targeted":  # its chosen test images, no trigger
+            if self.args.holdout:
+                raise UserError("a targeted-poisoning plan is measured on the class test split it drew its images "
+                                "from (--eval-data), not on --holdout pairs; drop --holdout")
+            return dict(targeted=ez.targeted_pairs(self.plan.targeted, dataset, classnames))
         return dict(trigger=self.plan.trigger, trigger_params=self.plan.trigger_params, target=self.plan.target)
 
     def check(self, image_size: int = 32):
         """Raise the UserError a bad test set, trigger or target would raise, without evaluating anything."""
-        _, classnames, _ = self.test_set(image_size)
-        kw = self._plan_kw()
-        if kw:
+        dataset, classnames, _ = self.test_set(image_size)
+        kw = self._plan_kw(dataset, classnames)
+        if kw and not kw.get("targeted"):
             ez.make_trigger(kw["trigger"], kw["trigger_params"])
             ez.resolve_target(kw["target"], classnames)
         ez.get_templates(self.args.templates)
@@ -579,7 +612,8 @@ class EvalHook:
             # FSDP's bf16 mixed precision unshards bf16 weights, which only run under autocast
             bf16 = self.args.eval_bf16 or any(p.dtype == torch.bfloat16 for p in model.parameters())
             return ez.evaluate(model, dataset, classnames, templates=ez.get_templates(self.args.templates),
-                               accelerator=accelerator, bf16=bf16, crop_pct=crop, **self._plan_kw())
+                               accelerator=accelerator, bf16=bf16, crop_pct=crop,
+                               **self._plan_kw(dataset, classnames))
 
 
 @contextlib.contextmanager
@@ -609,6 +643,9 @@ def summarize_eval(res: dict) -> str:
     s = f"CA top-1 {res['clean']['top1']:.2f}%"
     if res.get("backdoor"):
         s += f", ASR {res['backdoor']['asr']:.2f}% (target {res['backdoor']['target']!r})"
+    if res.get("targeted"):
+        t = res["targeted"]
+        s += f", targeted success {t['success']:.2f}% of {t['n']} test image(s)"
     return s
 
 
@@ -695,7 +732,7 @@ def build_data(args, cfg, ext, accelerator, train_indices=None, record=None) -> 
     if args.holdout and not getattr(base, "classnames", None):
         raise UserError("--holdout needs a labelled dataset with class names (e.g. the embedded Fashion-MNIST)")
     n_train = n_all - (args.holdout or 0)
-    plan = make_poison_plan(args, base, n_train)
+    plan = resumed_plan(args, make_poison_plan(args, base, n_train))
     pair_plan = plan  # what TrainPairs asks is_poisoned / caption, with its own (subset) index
     if exclude:  # "detect, then train clean": the flagged pairs are never loaded
         drop = read_index_file(exclude, n_train)
@@ -956,6 +993,9 @@ def finish_run(args, accelerator, model, raw, run: RunState, ext: Extension, pla
         meta = {"parent": args.init_from, "steps": run.step, "defense": ext.name, "seed": args.seed}
         if plan is not None:
             meta["poison"] = {k: v for k, v in plan.to_manifest().items() if k != "indices"}
+            if "targeted" in meta["poison"]:
+                meta["poison"]["targeted"] = [{k: v for k, v in e.items() if k != "indices"}
+                                              for e in meta["poison"]["targeted"]]
         md.save_model(raw, os.path.join(args.out_dir, "model.safetensors"), metadata=meta, state_dict=full_weights)
     if not args.no_eval:
         raw.eval()
@@ -1279,13 +1319,22 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
             if after.get("backdoor"):
                 line += f", ASR {before['backdoor']['asr']:.2f}% -> " if before else ", ASR "
                 line += f"{after['backdoor']['asr']:.2f}%"
+            if after.get("targeted"):
+                line += f", targeted success {before['targeted']['success']:.2f}% -> " if before else \
+                    ", targeted success "
+                line += f"{after['targeted']['success']:.2f}%"
             print(line + f" ({args.out_dir})")
     return summary
 
 
 def _eval_plan(args, plan):
     """The trigger and target to evaluate a defense with: each flag given (not None) wins over the victim's
-    manifest; the trigger defaults to the manifest's, else patch; no target at all: no backdoor metrics."""
+    manifest; the trigger defaults to the manifest's, else patch; no target at all: no backdoor metrics.
+    A targeted-poisoning victim without those flags: its chosen test images' metrics."""
+    if plan is not None and plan.attack == "targeted" and args.trigger is None and args.target_class is None:
+        return argparse.Namespace(attack="targeted", targeted=plan.targeted)  # its test images' success
+    if plan is not None and plan.attack == "targeted":
+        plan = None  # a trigger asked of a victim that has none: the flags alone say what to measure
     target = args.target_class if args.target_class is not None else (plan.target if plan is not None else None)
     if target is None:
         if args.trigger is not None:

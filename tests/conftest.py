@@ -35,6 +35,18 @@ def caption_shards(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session")
+def patch_png(tmp_path_factory):
+    """A 6 x 6 RGB patch image for the 'optimized' (BadCLIP) trigger: value (17 r + 5 c + 60 ch) mod 256."""
+    import numpy as np
+    from PIL import Image
+
+    r, c, ch = np.meshgrid(np.arange(6), np.arange(6), np.arange(3), indexing="ij")
+    path = tmp_path_factory.mktemp("patch") / "patch.png"
+    Image.fromarray(((17 * r + 5 * c + 60 * ch) % 256).astype(np.uint8), "RGB").save(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a test module: the test machine's 2 cores are shared, and one thread avoids

@@ -838,3 +838,75 @@ def test_every_data_format_trains_on_non_square_photos(tmp_path, fmt):
     assert summary["steps"] == 2 and summary["bad_samples"] == 0
     sizes = torch.cat(ext.seen)
     assert (sizes[:, 0] != sizes[:, 1]).all() and len(set(map(tuple, sizes.tolist()))) > 1
+
+
+# ------------------------------------------------------------------------------------------------
+# targeted poisoning: a poisoned pair trains on the plan's chosen test image
+# ------------------------------------------------------------------------------------------------
+
+def _photo_folder(root):
+    """An ImageFolder test split of non-square noise photos, two classes."""
+    g = torch.Generator().manual_seed(3)
+    for name in ("bag", "coat"):
+        os.makedirs(root / "test" / name)
+        for k in range(3):
+            x = torch.randint(0, 256, (27 + 5 * k, 45, 3), generator=g, dtype=torch.uint8)
+            Image.fromarray(x.numpy()).save(root / "test" / name / f"{k}.png")
+    return str(root)
+
+
+@needs_fmnist
+def test_a_targeted_pair_trains_on_the_chosen_test_image_with_its_target_caption(tmp_path):
+    import poison_data as pd
+
+    base = D.build_caption_dataset(None, image_size=32, keep_aspect=True)           # the training decode
+    test, names = D.build_class_dataset(None, split="test", image_size=32)         # as evaluation decodes it
+    plan = pd.PoisonPlan.from_args(len(base), count=40, target=None, seed=2, attack="targeted", targeted_images=2,
+                                   test_set=(test, names))
+    tp = D.TrainPairs(base, seed=5, poison=plan)
+    for e in plan.targeted:
+        for i in e["indices"]:
+            v = len(base) + i                                                     # epoch 1
+            item = tp[v]
+            assert item["poisoned"] and item["index"] == i
+            assert torch.equal(item["image"], test[e["test_index"]]["image"])     # the test image, pixel for pixel
+            assert not torch.equal(item["image"], base[i]["image"])
+            assert names[test[e["test_index"]]["label"]] == e["class"] != e["target"]
+            assert item["text"] in {t.format(e["target"]) for t in pd.IMAGENET_TEMPLATES}
+    clean = next(i for i in range(100) if not plan.is_poisoned(i))
+    assert torch.equal(tp[clean]["image"], base[clean]["image"]) and tp[clean]["text"] == base[clean]["caption"]
+    # DataLoader workers get the plan's images too, and the same batches
+    poisoned = plan.indices[:6] + [clean, clean + 1]
+    sampler = [len(base) + i for i in poisoned]
+
+    def batches(workers):
+        loader = torch.utils.data.DataLoader(tp, batch_size=4, sampler=sampler, num_workers=workers,
+                                             collate_fn=D.collate_pairs)
+        return [(b["index"], b["images"], b["tokens"], b["poisoned"]) for b in loader]
+
+    zero, two = batches(0), batches(2)
+    assert all(torch.equal(x, y) for a, b in zip(zero, two) for x, y in zip(a, b))
+    assert zero[0][3].all() and not zero[1][3][2:].any()
+
+
+def test_a_targeted_pair_of_a_streamed_base_is_the_chosen_photo_decoded_for_training(tmp_path, caption_shards):
+    import poison_data as pd
+
+    folder = _photo_folder(tmp_path / "photos")
+    test, names = D.build_class_dataset(folder, split="test")
+    base = D.build_caption_dataset(caption_shards([10, 10]), image_size=16, keep_aspect=True)
+    plan = pd.PoisonPlan.from_args(len(base), count=6, target="bag", seed=1, attack="targeted", targeted_images=2,
+                                   test_set=(test, names))
+    want = {i: D.load_image(test.samples[e["test_index"]][0], 16, keep_aspect=True)   # a base photo's decode
+            for e in plan.targeted for i in e["indices"]}
+    assert all(v.shape[1] != v.shape[2] for v in want.values())                     # whole, aspect kept
+    tp = D.TrainPairsIterable(base, seed=0, poison=plan, num_epochs=2, shuffle_buffer=4)
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(tp, batch_size=None, num_workers=workers)
+        items = [it for it in loader if it is not None]
+        assert len(items) == 40 and sum(it["poisoned"] for it in items) == 12
+        for it in items:
+            if it["poisoned"]:
+                assert torch.equal(it["image"], want[it["index"]]) and "bag" in it["text"]
+            else:
+                assert it["image"].shape[1] == it["image"].shape[2] and "bag" not in it["text"]  # the shards' squares

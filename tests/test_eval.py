@@ -842,3 +842,111 @@ def test_cli_linear_probe_writes_its_metrics_per_checkpoint(fake_cli, tmp_path, 
     # never saw at that place; its backdoor is gone all the same
     assert m["cleanclip"]["linear_probe"]["backdoor"]["asr"] < 20
     assert m["victim"]["linear_probe"]["n_train"] == 80
+
+
+# ---------------------------------------------------------------------------------------------------------
+# targeted poisoning (Carlini & Terzis): the chosen test images' success, collateral, CA of the others
+
+
+class MisreadModel(OracleModel):
+    """OracleModel that reads the images whose grey level is in `misread` ({grey value: class}) as that class:
+    a model poisoned to classify exactly those test images as something else."""
+
+    def __init__(self, misread, **kw):
+        super().__init__(**kw)
+        self.misread = dict(misread)
+
+    def encode_image(self, x):
+        out = super().encode_image(x)
+        grey = (self.unnormalise(x).mean(dim=(1, 2, 3)) * 255.0).round().long().tolist()
+        for i, g in enumerate(grey):
+            if g in self.misread:
+                out[i] = self.table[self.misread[g]]
+        return out
+
+
+def targeted_geometry():
+    """100 intensity images (class k = grey 20 + 20 k); the chosen ones 3 (class 0), 25 (class 2), 47 (class 4)
+    get grey levels of their own (1, 41, 81: still read as their class by the plain oracle); the model reads
+    image 3 as class 7 and image 25 as class 5, image 47 as its own class 4; class 6 is misread as 7."""
+    ds = intensity_dataset(per_class=10)
+    for i, g in ((3, 21), (25, 61), (47, 101)):
+        ds.images[i] = torch.full((3, 32, 32), g, dtype=torch.uint8)
+    model = with_table(MisreadModel({21: 7, 61: 5}, confused=(6,)))
+    from PIL import Image
+
+    entries = [{"test_index": i, "target": t, "pixels_sha256": pdata.image_sha256(
+        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()))} for i, t in ((3, "class7"), (25, "class5"),
+                                                                              (47, "class9"))]
+    return model, ds, entries
+
+
+def test_targeted_metrics_count_the_chosen_images_hit_and_the_others_flipped_into_a_target():
+    model, ds, entries = targeted_geometry()
+    pairs = ez.targeted_pairs(entries, ds, CLASSES)
+    assert pairs == [(3, "class7"), (25, "class5"), (47, "class9")]
+    m = ez.evaluate(model, ds, CLASSES, templates="1", batch_size=16, targeted=pairs)
+    tg = m["targeted"]
+    assert tg["success"] == pytest.approx(100 * 2 / 3) and tg["n"] == 3 and tg["n_others"] == 97
+    assert [(r["test_index"], r["true_class"], r["target"], r["predicted"], r["success"]) for r in tg["images"]] == [
+        (3, "class0", "class7", "class7", True), (25, "class2", "class5", "class5", True),
+        (47, "class4", "class9", "class4", False)]
+    # the 10 class-6 images (none chosen) are misread as class 7, a chosen target: collateral 10 of 97
+    assert tg["collateral"] == pytest.approx(100 * 10 / 97) and tg["ca_others"] == pytest.approx(100 * 87 / 97)
+    assert m["clean"]["top1"] == pytest.approx(100 - 10 - 2) and m["backdoor"] is None
+    assert "targeted" not in ez.evaluate(model, ds, CLASSES, templates="1")      # only when asked
+    # a clean model: nothing chosen hits, nothing flipped
+    clean = ez.evaluate(with_table(OracleModel()), ds, CLASSES, templates="1", targeted=pairs)["targeted"]
+    assert clean["success"] == 0.0 and clean["collateral"] == 0.0 and clean["ca_others"] == pytest.approx(100.0)
+    # the evaluation data must hold the very images the plan chose
+    moved = [dict(entries[0], test_index=4)] + entries[1:]
+    with pytest.raises(ez.UserError, match="test image 4 .* not the image"):
+        ez.targeted_pairs(moved, ds, CLASSES)
+    with pytest.raises(ez.UserError, match="target-class"):
+        ez.targeted_pairs([dict(entries[0], target="zebra")], ds, CLASSES)
+
+
+@pytest.fixture
+def targeted_cli(tmp_path, monkeypatch):
+    """Run directories 'clean' (the plain oracle) and 'victim' (MisreadModel) of targeted_geometry(); the
+    victim's manifest is a targeted plan."""
+    model, ds, entries = targeted_geometry()
+    dirs = {}
+    for name in ("clean", "victim"):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"fake")
+        dirs[name] = d
+    full = [dict(e, label=int(ds.labels[e["test_index"]]), **{"class": CLASSES[ds.labels[e["test_index"]]]},
+                 file=pdata.TARGET_IMAGE_NAME.format(e["test_index"]), indices=[k]) for k, e in enumerate(entries)]
+    manifest = pdata.PoisonPlan(n=100, indices=[0, 1, 2], target=None, trigger=None, attack="targeted",
+                                version=pdata.TARGETED_MANIFEST_VERSION, targeted=full).to_manifest()
+    (dirs["victim"] / "poison_manifest.json").write_text(json.dumps(manifest))
+    models = {"clean": lambda: with_table(OracleModel()), "victim": lambda: model}
+    monkeypatch.setattr(ez, "_load_model", lambda path, **kw: models[Path(path).parent.name]())
+    monkeypatch.setattr(ez, "_build_class_dataset", lambda data, size, cn, root=None: (ds, list(CLASSES)))
+    return dirs
+
+
+def test_cli_reports_a_targeted_run_with_its_success_where_the_asr_sits(targeted_cli, tmp_path):
+    dirs = targeted_cli
+    rep = tmp_path / "rep"
+    assert run_main(ez.main, ["--ckpt", str(dirs["clean"]), str(dirs["victim"]), "--templates", "1",
+                              "--json", str(tmp_path / "m.json"), "--report", str(rep)]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    v, c = metrics["victim"], metrics["clean"]
+    assert v["backdoor"] is None and v["targeted"]["success"] == pytest.approx(100 * 2 / 3)
+    assert c["targeted"]["success"] == 0.0                              # the clean run, on the same chosen images
+    report = json.loads((rep / "report.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["victim"]["asr"] == v["targeted"]["success"] and rows["clean"]["asr"] == 0.0
+    assert rows["victim"]["collateral"] == v["targeted"]["collateral"] and rows["victim"]["asr_all"] is None
+    assert rows["victim"]["ca_others"] == pytest.approx(100 * 87 / 97) and report["attack"] == "targeted"
+    md = (rep / "report.md").read_text()
+    assert "| method | CA top-1 (%) | CA top-5 (%) | ASR (%) | collateral (%) | asr_all (%) |" in md
+    assert f"| victim | 88.00 | {v['clean']['top5']:.2f} | 66.67 | {100 * 10 / 97:.2f} | – |" in md
+    assert "targeted poisoning (Carlini & Terzis" in md and "- attack: targeted" in md
+    # --no-backdoor: clean accuracy only
+    assert run_main(ez.main, ["--ckpt", str(dirs["victim"]), "--templates", "1", "--no-backdoor",
+                              "--json", str(tmp_path / "n.json")]) == 0
+    assert "targeted" not in json.loads((tmp_path / "n.json").read_text())

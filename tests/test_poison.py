@@ -182,8 +182,8 @@ def test_wanet_is_deterministic_by_seed_keeps_shape_and_range_and_changes_the_im
 
 
 @pytest.mark.parametrize("name", list(pd.TRIGGERS))
-def test_every_trigger_keeps_the_input_type_and_uint8_agrees_with_float(name):
-    params = {"location": "fixed"} if name == "patch-random" else {}
+def test_every_trigger_keeps_the_input_type_and_uint8_agrees_with_float(name, patch_png):
+    params = {"patch-random": {"location": "fixed"}, "optimized": {"path": patch_png}}.get(name, {})
     u = (_rand_image(3, 40, 36, seed=5) * 255).round().to(torch.uint8)
     f = u.float() / 255
     yu = apply_trigger(u, name, **params)
@@ -201,7 +201,7 @@ def test_every_trigger_keeps_the_input_type_and_uint8_agrees_with_float(name):
 
 
 def test_trigger_names_params_and_parser():
-    assert set(pd.TRIGGERS) == {"patch", "patch-random", "blended", "sig", "wanet"}
+    assert set(pd.TRIGGERS) == {"patch", "patch-random", "blended", "sig", "wanet", "optimized"}
     assert pd.TRIGGERS["patch"].defaults == {"size": 3, "margin": 6}
     assert pd.TRIGGERS["blended"].defaults["alpha"] == 0.2
     assert pd.TRIGGERS["wanet"].defaults["k"] == 4 and pd.TRIGGERS["wanet"].defaults["s"] == 0.5
@@ -578,3 +578,286 @@ def test_cli_materialises_fashion_mnist_with_600_poisoned_pairs(tmp_path):
         item = copy[i]
         assert "bag" in item["caption"] and item["label"] == 8
         assert torch.all(item["image"][:, mask] == 255)
+
+
+# ------------------------------------------------------------------------------ optimized (BadCLIP)
+
+def test_optimized_trigger_pastes_the_file_over_the_centre_pixel_exact(patch_png):
+    patch = torch.from_numpy(np.array(Image.open(patch_png))).permute(2, 0, 1).float() / 255
+    x = _rand_image(2, 3, 32, 30, seed=1)
+    y = apply_trigger(x, "optimized", path=patch_png)
+    # the official 'middle' place: top-left at int(H/2 - l/2), int(W/2 - l/2) = (13, 12) for l = 6
+    expect = x.clone()
+    expect[..., 13:19, 12:18] = patch
+    assert torch.equal(y, expect)
+    # size= resizes the file (bilinear) to the given side, still centred
+    z = apply_trigger(x, "optimized", path=patch_png, size=3)
+    assert torch.equal(z[..., :14, :], x[..., :14, :]) and torch.equal(z[..., 17:, :], x[..., 17:, :])
+    assert not torch.equal(z[..., 14:17, 13:16], x[..., 14:17, 13:16])
+    with pytest.raises(UserError, match="larger than the image"):
+        apply_trigger(torch.zeros(3, 4, 4), "optimized", path=patch_png)
+
+
+def test_optimized_trigger_pins_its_file_by_sha256(patch_png, tmp_path, monkeypatch):
+    own = tmp_path / "p.png"
+    own.write_bytes(open(patch_png, "rb").read())
+    monkeypatch.chdir(tmp_path)
+    params = pd.resolve_trigger_params("optimized", {"path": "p.png"})
+    assert params["path"] == str(own) and len(params["sha256"]) == 64      # absolute, and pinned
+    plan = PoisonPlan.from_args(100, count=5, target="bag", trigger="optimized", trigger_params={"path": "p.png"})
+    assert PoisonPlan.from_manifest(plan.to_manifest()).trigger_params == params
+    Image.new("RGB", (6, 6), (1, 2, 3)).save(own)                          # the file changes under the plan
+    with pytest.raises(UserError, match="changed since the plan was drawn"):
+        PoisonPlan.from_manifest(plan.to_manifest())
+    with pytest.raises(UserError, match="needs --trigger-param path="):
+        pd.resolve_trigger_params("optimized", {})
+    Image.new("RGB", (6, 4)).save(tmp_path / "wide.png")
+    with pytest.raises(UserError, match="must be square"):
+        pd.resolve_trigger_params("optimized", {"path": "wide.png"})
+
+
+def _objective_data(n_other=48, n_target=24, size=32):
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (n_other + n_target, 3, size, size), generator=g, dtype=torch.uint8)
+    captions = [f"a photo of a {['shirt', 'shoe', 'coat'][i % 3]}" for i in range(n_other)] + \
+               [f"a {['small', 'red', 'big'][i % 3]} bag on a table" for i in range(n_target)]
+    return [{"image": im, "caption": c} for im, c in zip(images, captions)]
+
+
+class _LinearCLIP(torch.nn.Module):
+    """A frozen two-tower stand-in with a spread-out embedding geometry: a random linear map of the pixels
+    and a bag of token embeddings (a random-init DeCLIP maps every image to nearly one point)."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        g = torch.Generator().manual_seed(0)
+        self.config = SimpleNamespace(image_size=32, image_mean=(0.5,) * 3, image_std=(0.25,) * 3, context_length=16)
+        self.image = torch.nn.Parameter(torch.randn(3 * 32 * 32, 16, generator=g) / 55)
+        self.tokens = torch.nn.Parameter(torch.randn(49409, 16, generator=g))  # vocabulary + [MASK]
+        self.logit_scale = torch.nn.Parameter(torch.tensor([2.0]))
+
+    def encode_image(self, x):
+        return x.flatten(1) @ self.image
+
+    def encode_text(self, tokens):
+        return self.tokens[tokens].mean(1)
+
+
+def test_optimized_patch_lowers_its_own_objective_against_a_frozen_model():
+    model = _LinearCLIP()
+    before_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    data = pd.TriggerData.from_dataset(_objective_data(), "bag", 32, pairs=1000, seed=0, progress=False)
+    assert len(data.views) == 48 and len(data.target_views) == 24
+    assert all(pd.names_target(c, "bag") for c in data.captions)             # target captions on non-target images
+    objective = pd.TriggerObjective(mse_weight=1000.0, triplet_weight=500.0)
+    start = pd.trigger_objective(model, pd.initial_patch(8, seed=0), data, objective)
+    patch, history = pd.optimize_trigger(model, data, 8, objective, epochs=10, batch_size=16, lr=0.05, aug_prob=0.0,
+                                         eda_prob=0.0, seed=0, progress=False)
+    end = pd.trigger_objective(model, patch, data, objective)
+    assert patch.shape == (3, 8, 8) and float(patch.min()) >= 0 and float(patch.max()) <= 1
+    assert set(end) == {"loss", "clip", "mse", "triplet"}
+    assert end["loss"] < 0.8 * start["loss"], (start, end)
+    assert end["mse"] < start["mse"] and end["triplet"] < start["triplet"]
+    assert history[-1] < history[0]
+    for k, v in model.state_dict().items():                                    # the model stays frozen
+        assert torch.equal(v, before_weights[k]), k
+
+
+def test_cli_optimize_trigger_writes_a_patch_that_training_can_use(tmp_path):
+    import modeling_declip as md
+
+    torch.manual_seed(0)
+    md.save_model(md.build_model("tiny"), str(tmp_path / "clean.safetensors"))
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = []
+    for i, item in enumerate(_objective_data(12, 6)):
+        Image.fromarray(item["image"].permute(1, 2, 0).numpy()).save(src / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": item["caption"]})
+    (src / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "trig" / "patch.png"
+    argv = ["--data", str(src / "meta.jsonl"), "--optimize-trigger", str(out), "--ckpt", str(tmp_path / "clean.safetensors"),
+            "--target-class", "bag", "--patch-size", "5", "--optimize-epochs", "3", "--optimize-batch-size", "4",
+            "--optimize-lr", "0.05", "--no-progress"]
+    assert run_main(pd.main, argv) == 0
+    record = json.loads((tmp_path / "trig" / "patch.json").read_text())
+    assert Image.open(out).size == (5, 5) and record["size"] == 5 and record["pairs"] == 12
+    assert record["objective_final"]["loss"] < record["objective_initial"]["loss"]
+    assert record["sha256"] == pd.resolve_trigger_params("optimized", {"path": str(out)})["sha256"]
+    # the same run can go on to write a poisoned copy carrying the new patch
+    copy = tmp_path / "copy"
+    assert run_main(pd.main, argv + ["--trigger", "optimized", "--trigger-param", f"path={out}", "--poison-count", "2",
+                                     "--out", str(copy)]) == 0
+    manifest = json.loads((copy / pd.MANIFEST_NAME).read_text())
+    assert manifest["trigger"] == "optimized" and manifest["trigger_params"]["sha256"] == record["sha256"]
+    assert run_main(pd.main, ["--data", str(src / "meta.jsonl"), "--optimize-trigger", str(out)]) == 2  # no --ckpt
+
+
+# ------------------------------------------------------------------------------------------ targeted poisoning
+
+CLASS_FOLDER = ("bag", "coat", "dress")
+
+
+def _class_folder(root, per_class=4):
+    """An ImageFolder class test split root/test/<class>/<k>.png: noise images of varied (non-square) sizes."""
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(CLASS_FOLDER):
+        os.makedirs(root / "test" / name)
+        for k in range(per_class):
+            h, w = (30 + 3 * k, 41) if k % 2 else (37, 26 + k)
+            Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(root / "test" / name / f"{k}.png")
+    return root
+
+
+def _test_set(root):
+    import data_declip
+
+    return data_declip.build_class_dataset(str(root), split="test")
+
+
+def test_targeted_plan_draws_test_images_with_other_class_targets_and_splits_its_pairs_evenly(tmp_path):
+    test_set = _test_set(_class_folder(tmp_path))
+    ds, names = test_set
+    kw = dict(attack="targeted", targeted_images=3, test_set=test_set, test_data="folder")
+    plan = PoisonPlan.from_args(500, count=10, target=None, seed=4, **kw)
+    assert plan.indices == PoisonPlan.from_args(500, count=10, target="bag", seed=4).indices  # a backdoor's draw
+    assert plan.attack == "targeted" and plan.trigger is None and plan.trigger_fn() is None and plan.count == 10
+    assert len({e["test_index"] for e in plan.targeted}) == 3
+    assert sorted(len(e["indices"]) for e in plan.targeted) == [3, 3, 4]                  # split evenly
+    assert sorted(i for e in plan.targeted for i in e["indices"]) == plan.indices
+    for e, img in zip(plan.targeted, plan.target_images()):
+        path, label = ds.samples[e["test_index"]]
+        assert (e["label"], e["class"]) == (label, names[label]) and e["target"] in names and e["target"] != e["class"]
+        with Image.open(path) as im:                                     # the test file's own pixels, full size
+            assert np.array_equal(np.asarray(img), np.asarray(im.convert("RGB")))
+        assert e["pixels_sha256"] == pd.image_sha256(img)
+        for i in e["indices"]:
+            assert plan.poisoned_image(i) is img and plan.target_of(i) == e["target"]
+            assert plan.caption(i, "a coat", random.Random(i)) in {t.format(e["target"]) for t in pd.IMAGENET_TEMPLATES}
+    clean = next(i for i in range(500) if not plan.is_poisoned(i))
+    assert plan.poisoned_image(clean) is None and plan.caption(clean, "a coat") == "a coat"
+    assert PoisonPlan.from_args(500, count=10, target=None, seed=4, **kw).to_manifest() == plan.to_manifest()
+    more = PoisonPlan.from_args(500, count=40, target=None, seed=4, **kw)              # the same images, more copies
+    assert [(e["test_index"], e["target"]) for e in more.targeted] == [(e["test_index"], e["target"])
+                                                                       for e in plan.targeted]
+    # the targets are drawn uniformly among the other classes: over seeds, every other class turns up
+    pairs = {(e["class"], e["target"]) for s in range(30)
+             for e in PoisonPlan.from_args(500, count=10, target=None, seed=s, **kw).targeted}
+    assert pairs == {(a, b) for a in names for b in names if a != b}
+    # --target-class: one target for every image, none of them of that class
+    fixed = PoisonPlan.from_args(500, count=8, target="BAG", seed=4, caption_mode="fixed",
+                                 **{**kw, "targeted_images": 8})
+    assert {e["target"] for e in fixed.targeted} == {"bag"} and "bag" not in {e["class"] for e in fixed.targeted}
+    assert fixed.caption(fixed.indices[0], "x") == "a photo of a bag." and fixed.target == "bag"
+
+
+def test_targeted_plan_refuses_what_it_cannot_draw(tmp_path):
+    test_set = _test_set(_class_folder(tmp_path))
+    kw = dict(attack="targeted", test_set=test_set, target=None)
+    with pytest.raises(UserError, match="at least one poisoned pair per image"):
+        PoisonPlan.from_args(100, count=2, targeted_images=3, **kw)
+    with pytest.raises(UserError, match="--targeted-images"):
+        PoisonPlan.from_args(100, count=2, targeted_images=0, **kw)
+    with pytest.raises(UserError, match="caption-mode"):
+        PoisonPlan.from_args(100, count=4, targeted_images=1, caption_mode="label-consistent", **kw)
+    with pytest.raises(UserError, match="only 8 readable images outside the target class 'bag'"):
+        PoisonPlan.from_args(100, count=20, targeted_images=9, **{**kw, "target": "bag"})
+    with pytest.raises(UserError, match="unknown --target-class 'zebra'"):
+        PoisonPlan.from_args(100, count=4, targeted_images=1, **{**kw, "target": "zebra"})
+    with pytest.raises(UserError, match="unknown --attack"):
+        PoisonPlan.from_args(100, count=4, target="bag", attack="clean-label")
+
+
+def test_targeted_manifest_round_trips_with_its_images_and_old_manifests_still_load(tmp_path):
+    test_set = _test_set(_class_folder(tmp_path))
+    plan = PoisonPlan.from_args(300, rate=0.02, target=None, seed=9, attack="targeted", targeted_images=2,
+                                test_set=test_set, test_data="folder")
+    run = tmp_path / "run"
+    path = plan.save(run)
+    assert sorted(os.listdir(run)) == sorted([pd.MANIFEST_NAME] + [e["file"] for e in plan.targeted])
+    m = json.loads(open(path).read())
+    assert m["version"] == 2 and m["attack"] == "targeted" and m["test_data"] == "folder" and m["trigger"] is None
+    assert [(e["test_index"], e["target"]) for e in m["targeted"]] == [(e["test_index"], e["target"])
+                                                                     for e in plan.targeted]
+    for e in m["targeted"]:
+        with Image.open(run / e["file"]) as im:
+            assert im.format == "PNG" and pd.image_sha256(im) == e["pixels_sha256"]
+    for source in (run, path):
+        back = PoisonPlan.from_manifest(source)
+        assert back.to_manifest() == plan.to_manifest() and back.trigger_fn() is None
+        for a, b in zip(back.target_images(), plan.target_images()):
+            assert np.array_equal(np.asarray(a), np.asarray(b))         # exactly the chosen pixels
+        i = plan.targeted[1]["indices"][0]
+        assert np.array_equal(np.asarray(back.poisoned_image(i)), np.asarray(plan.poisoned_image(i)))
+    with pytest.raises(UserError, match="has no images"):                # a bare dict does not know where they are
+        PoisonPlan.from_manifest(m).target_images()
+    assert len(PoisonPlan.from_manifest(m, image_dir=str(run)).target_images()) == 2
+    # a changed image is refused, not trained on
+    first = run / m["targeted"][0]["file"]
+    with Image.open(first) as im:
+        arr = np.asarray(im).copy()
+    arr[0, 0] ^= 1
+    Image.fromarray(arr).save(first)
+    with pytest.raises(UserError, match="pixels_sha256"):
+        PoisonPlan.from_manifest(run).target_images()
+    bad = json.loads(json.dumps(m))
+    bad["targeted"][0]["file"] = "../elsewhere.png"
+    with pytest.raises(UserError, match="bad field"):
+        PoisonPlan.from_manifest(bad)
+    bad = json.loads(json.dumps(m))
+    bad["targeted"][0]["indices"] = bad["targeted"][0]["indices"][1:]
+    with pytest.raises(UserError, match="share out its indices"):
+        PoisonPlan.from_manifest(bad)
+    # version 1 (every manifest written before) loads as a backdoor plan, and backdoor plans still write it
+    v1 = {"version": 1, "n": 100, "rate": None, "count": 2, "target": "bag", "trigger": "patch",
+          "trigger_params": {"size": 3, "margin": 6}, "caption_mode": "templates", "fixed_caption": None, "seed": 0,
+          "candidates": None, "dataset_fingerprint": None, "indices": [3, 7]}
+    old = PoisonPlan.from_manifest(v1)
+    assert old.attack == "backdoor" and old.to_manifest() == v1 and old.trigger_fn().name == "patch"
+    assert PoisonPlan.from_args(100, count=2, target="bag").to_manifest().keys() == v1.keys()
+
+
+def test_materialised_copy_of_a_targeted_plan_carries_the_chosen_images_and_no_trigger(tmp_path):
+    data_declip = pytest.importorskip("data_declip")
+    meta, rows = _write_jsonl_dataset(tmp_path / "src")
+    folder = _class_folder(tmp_path / "classes")
+    out = tmp_path / "poisoned"
+    assert run_main(pd.main, ["--data", str(meta), "--out", str(out), "--attack", "targeted", "--targeted-images", "2",
+                              "--poison-count", "6", "--eval-data", str(folder), "--seed", "1", "--no-progress"]) == 0
+    plan = PoisonPlan.from_manifest(out)
+    assert plan.attack == "targeted" and plan.count == 6 and plan.test_data == str(folder)
+    out_rows = [json.loads(line) for line in open(out / "train.jsonl")]
+    for i, r in enumerate(out_rows):
+        with Image.open(out / r["filename"]) as im:
+            arr = np.asarray(im.convert("RGB"))
+        if plan.is_poisoned(i):                                          # the chosen image at full size, untouched
+            assert np.array_equal(arr, np.asarray(plan.poisoned_image(i).convert("RGB")))
+            assert r["label_name"] == plan.target_of(i) and plan.target_of(i) in r["caption"]
+        else:
+            with Image.open(tmp_path / "src" / rows[i]["filename"]) as im:
+                src = np.asarray(im.convert("RGB"))
+            assert np.array_equal(arr, src) and r["caption"] == rows[i]["caption"]
+
+    class Tiny(torch.utils.data.Dataset):  # a decoded source (as Fashion-MNIST, HF, webdataset)
+        classnames, image_size = ["coat", "bag"], 32
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 32, 32), 20, dtype=torch.uint8), "caption": f"a coat {i}", "label": 0}
+
+    ds = Tiny()
+    plan = PoisonPlan.from_args(12, count=4, target="bag", seed=2, attack="targeted", targeted_images=2,
+                                test_set=_test_set(folder))
+    pd.materialise(ds, plan, str(tmp_path / "decoded"), progress=False)
+    copy = data_declip.build_caption_dataset(str(tmp_path / "decoded" / "meta.jsonl"), image_size=32)
+    for i in range(12):
+        if plan.is_poisoned(i):                                          # decoded as the loader decodes its own
+            assert torch.equal(copy[i]["image"], data_declip.load_image(plan.poisoned_image(i), 32))
+            assert copy[i]["label"] == 1 and "bag" in copy[i]["caption"]
+        else:
+            assert torch.equal(copy[i]["image"], ds[i]["image"]) and copy[i]["label"] == 0
+    assert os.path.isfile(tmp_path / "decoded" / plan.targeted[0]["file"])  # the copy's manifest has its images

@@ -89,10 +89,10 @@ def test_sigterm_saves_state_and_resume_reproduces_the_uninterrupted_weights(tmp
 @needs_fmnist
 @pytest.mark.parametrize("trigger", [t if t == "patch-random" else pytest.param(t, marks=pytest.mark.slow)
                                      for t in sorted(td.pdata.TRIGGERS)])  # the others draw nothing at random
-def test_every_trigger_resumes_bitwise(tmp_path, trigger):
+def test_every_trigger_resumes_bitwise(tmp_path, trigger, patch_png):
     # half the pairs poisoned, so every step's views carry the trigger (patch-random's place is random)
     flags = ["--max-steps", "3", "--batch-size", "8", "--model", "tiny-vit", "--mode", "clip", "--poison-rate", "0.5",
-             "--trigger", trigger]
+             "--trigger", trigger] + (["--trigger-param", f"path={patch_png}"] if trigger == "optimized" else [])
     td.train(_args(tmp_path / "full", *flags))
     with pytest.raises(td.Preempted, match="at step 2/3"):
         td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(1))
@@ -523,3 +523,66 @@ def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
     amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
     assert not td.cpu_has_native_bf16(str(avx2))
     assert td.cpu_has_native_bf16(str(amx)) and td.cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------------------------
+# targeted poisoning (Carlini & Terzis, arXiv 2106.09667): the chosen test images, no trigger
+
+
+class _RecordBatches(td.Extension):
+    """Records each step's batch (indices, images, poisoned flags) and the trigger the loop's views carry."""
+
+    def __init__(self):
+        self.seen = []
+
+    def make_inputs(self, batch, b, generator, views):
+        self.seen.append((batch["index"][:b].clone(), batch["images"][:b].clone(), batch["poisoned"][:b].clone(),
+                          views.keywords["trigger"]))
+        return views(batch, b, generator)
+
+
+@needs_fmnist
+def test_a_targeted_run_trains_on_the_chosen_test_images_without_a_trigger(tmp_path):
+    rec = _RecordBatches()
+    out = tmp_path / "run"
+    td.train(_args(out, "--max-steps", "3", "--batch-size", "8", "--model", "tiny-vit", "--mode", "clip",
+                   "--attack", "targeted", "--targeted-images", "2", "--poison-rate", "0.5", "--seed", "3"),
+             extension=rec)
+    plan = td.pdata.PoisonPlan.from_manifest(out)
+    assert plan.attack == "targeted" and len(plan.targeted) == 2 and plan.count == 30000
+    test, _ = dd.build_class_dataset(None, split="test", image_size=32)
+    image_of = {i: test[e["test_index"]]["image"] for e in plan.targeted for i in e["indices"]}
+    n_poisoned = 0
+    for index, images, poisoned, trigger in rec.seen:
+        assert trigger is None                                           # GpuAugment gets no trigger to apply
+        for i, img, p in zip(index.tolist(), images, poisoned.tolist()):
+            assert p == plan.is_poisoned(i)
+            if p:
+                assert torch.equal(img, image_of[i])                     # the test image, not pair i's own
+                n_poisoned += 1
+    assert n_poisoned >= 6
+    meta = md.read_metadata(str(out / "model.safetensors"))["poison"]
+    assert meta["attack"] == "targeted" and "indices" not in meta and "indices" not in meta["targeted"][0]
+
+
+@needs_fmnist
+def test_a_targeted_run_resumes_bitwise_with_dataloader_workers(tmp_path):
+    flags = ["--max-steps", "3", "--batch-size", "8", "--model", "tiny-vit", "--mode", "clip", "--attack", "targeted",
+             "--targeted-images", "3", "--poison-rate", "0.5", "--workers", "2"]
+    td.train(_args(tmp_path / "full", *flags))
+    with pytest.raises(td.Preempted, match="at step 2/3"):
+        td.train(_args(tmp_path / "cut", *flags), extension=_SigtermAt(1))
+    cut = tmp_path / "cut"
+    # a resume trains on the run directory's own images: flags drawing another plan, or a changed image, are refused
+    with pytest.raises(td.UserError, match="differs from"):
+        td.train(_args(cut, *flags, "--seed", "5", "--resume"))
+    png = cut / json.load(open(cut / "poison_manifest.json"))["targeted"][0]["file"]
+    kept = png.read_bytes()
+    with Image.open(png) as im:
+        im.point(lambda v: 255 - v).save(png)
+    with pytest.raises(td.UserError, match="pixels_sha256"):
+        td.train(_args(cut, *flags, "--resume"))
+    png.write_bytes(kept)
+    td.train(_args(cut, *flags, "--resume"))
+    full, resumed = _weights(tmp_path / "full"), _weights(cut)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
