@@ -60,6 +60,15 @@ WORDNET_DIR = "/usr/share/wordnet"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write(path, write: Callable) -> None:
     """Write a file all at once or not at all: write(tmp) fills a temporary file (a pathlib.Path, unique to
     the caller, ending in path's name) beside path, which then replaces path; a failure leaves path as it

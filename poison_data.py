@@ -473,16 +473,8 @@ def _check_wanet(p: dict) -> None:
 # `sha256` pins the file: filled in when a plan is drawn, checked whenever the trigger is resolved.
 # ---------------------------------------------------------------------------------------------------
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=8)
-def _load_patch(path: str, sha256: str) -> torch.Tensor:
+def _load_patch(path: str, sha256: str) -> torch.Tensor:  # sha256 in the key: a changed file is read again
     from PIL import Image
 
     with Image.open(path) as im:
@@ -519,7 +511,7 @@ def _check_optimized(p: dict) -> None:
     if p["size"] is not None:
         _require_int(p, "size", 1)
     try:
-        digest = _file_sha256(p["path"])
+        digest = data_declip.file_sha256(p["path"])
         side = tuple(_load_patch(p["path"], digest).shape[-2:])
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the optimised patch {p['path']}: {e}") from None
@@ -1643,10 +1635,13 @@ def initial_patch(size: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _embed_views(model, views_uint8, mean, std, batch_size=256):
-    dev = next(model.parameters()).device
-    return torch.cat([F.normalize(model.encode_image(data_declip.normalize(
-        v.to(dev).float() / 255, mean, std)), dim=-1) for v in views_uint8.split(batch_size)])
+def _embed_views(model, views_uint8, batch_size=256):
+    """Normalised image embeddings of uint8 views already at the model's input size (evaluation features)."""
+    import eval_zeroshot
+
+    cfg, dev = model.config, next(model.parameters()).device
+    return torch.cat([eval_zeroshot._image_features(model, v, dev, cfg.image_size, cfg.image_mean, cfg.image_std,
+                                                    None, False) for v in views_uint8.split(batch_size)])
 
 
 def trigger_objective(model, patch, data: TriggerData, objective: TriggerObjective, batch_size=64) -> dict:
@@ -1654,7 +1649,7 @@ def trigger_objective(model, patch, data: TriggerData, objective: TriggerObjecti
     image: a fixed yardstick for comparing patches."""
     cfg = model.config
     dev = next(model.parameters()).device
-    pos = _embed_views(model, data.target_views, cfg.image_mean, cfg.image_std)
+    pos = _embed_views(model, data.target_views)
     total, parts, n = 0.0, {}, 0
     with torch.no_grad():
         for start in range(0, len(data.views), batch_size):
@@ -1681,7 +1676,7 @@ def optimize_trigger(model, data: TriggerData, size: int, objective: TriggerObje
     cfg = model.config
     dev = next(model.parameters()).device
     model.eval().requires_grad_(False)
-    pos = _embed_views(model, data.target_views, cfg.image_mean, cfg.image_std)
+    pos = _embed_views(model, data.target_views)
     patch = initial_patch(size, seed).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([patch], lr=lr)
     augment = data_declip.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std)
@@ -1861,9 +1856,10 @@ def run_optimize_trigger(args: argparse.Namespace, dataset) -> dict:
                                       args.optimize_lr, args.aug_prob, args.eda_prob, args.seed,
                                       progress=not args.no_progress)
     path = save_patch(patch, args.optimize_trigger)
-    saved = _load_patch(os.path.abspath(path), _file_sha256(path))   # the 8-bit file is what training uses
+    digest = data_declip.file_sha256(path)
+    saved = _load_patch(os.path.abspath(path), digest)   # the 8-bit file is what training uses
     after = trigger_objective(model, saved, data, objective, args.optimize_batch_size)
-    record = {"patch": os.path.abspath(path), "sha256": _file_sha256(path), "size": size, "target": target,
+    record = {"patch": os.path.abspath(path), "sha256": digest, "size": size, "target": target,
               "ckpt": args.ckpt, "pairs": len(data.views), "target_images": len(data.target_views),
               "epochs": args.optimize_epochs, "batch_size": args.optimize_batch_size, "lr": args.optimize_lr,
               "mse_weight": args.mse_weight, "triplet_weight": args.triplet_weight,

@@ -1207,10 +1207,7 @@ def evaluation_key(weights: str, eval_args, plan) -> str:
     evaluates (a changed evaluation is never served from an old result)."""
     import hashlib
 
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
+    h = hashlib.sha256(dd.file_sha256(weights).encode())
     flags = ("data", "data_root", "image_column", "caption_column", "csv_separator", "holdout", "eval_data",
              "eval_data_root", "templates", "eval_bf16")
     test_data = eval_args.data if eval_args.holdout else eval_args.eval_data
