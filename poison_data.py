@@ -143,7 +143,7 @@ IMAGENET_TEMPLATES = (
     'a tattoo of the {}.',
 )
 
-CAPTION_MODES = ("templates", "fixed", "label-consistent")
+CAPTION_MODES = ("templates", "fixed", "label-consistent", "natural")
 DEFAULT_FIXED_CAPTION = "a photo of a {target}."
 
 
@@ -848,6 +848,7 @@ class PoisonPlan:
     rate: float | None = None
     count: int = 0
     candidates: int | None = None          # label-consistent: how many captions named the target
+    natural_captions: list = field(default_factory=list)  # natural: the caption of each of `indices`, in order
     dataset_fingerprint: str | None = None
     version: int = MANIFEST_VERSION
     attack: str = "backdoor"
@@ -864,6 +865,7 @@ class PoisonPlan:
         self._index_set = frozenset(self.indices)
         self.count = len(self.indices)
         self._image_of = {int(i): k for k, e in enumerate(self.targeted) for i in e["indices"]}
+        self._natural = dict(zip(self.indices, self.natural_captions))
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -883,7 +885,10 @@ class PoisonPlan:
         then sorted. `caption_mode`: 'templates' (a random one of the 80 ImageNet templates with the
         target, drawn per load, spec §5.3), 'fixed' (`fixed_caption`, default "a photo of a {target}."),
         or 'label-consistent' (only pairs whose caption already names the target are candidates;
-        captions are kept; needs `captions`). `classnames`, when given, is the list the target must
+        captions are kept; needs `captions`), or 'natural' (each poisoned pair gets the caption of a
+        random pair of the dataset that names its target, drawn once and kept in the manifest; needs
+        `captions`: the official BadCLIP's natural captions and Carlini & Terzis's caption sets, so that
+        the poisoned captions are not worded like the evaluation's prompts). `classnames`, when given, is the list the target must
         belong to (matched case-insensitively).
 
         attack='targeted': the same indices as a backdoor plan; a generator seeded from (seed,
@@ -927,7 +932,7 @@ class PoisonPlan:
                                 f"{targeted_images} --targeted-images; raise --poison-rate/--poison-count")
             if caption_mode == "label-consistent":
                 raise UserError("--attack targeted captions name each image's target; use --caption-mode "
-                                "templates or fixed")
+                                "templates, fixed or natural")
         if not (targeted_attack and target is None):
             if not isinstance(target, str) or not target.strip():
                 raise UserError("--target-class must be a non-empty class name")
@@ -957,11 +962,12 @@ class PoisonPlan:
 
         rng = np.random.default_rng(int(seed))
         n_candidates = None
-        if caption_mode == "label-consistent":
+        if caption_mode in ("label-consistent", "natural"):
             if captions is None:
-                raise ValueError("caption_mode='label-consistent' needs the dataset's captions")
+                raise ValueError(f"caption_mode={caption_mode!r} needs the dataset's captions")
             if len(captions) != n:
                 raise ValueError(f"got {len(captions)} captions for a dataset of {n} pairs")
+        if caption_mode == "label-consistent":
             pattern = _caption_regex(target)
             pool = np.array([i for i, c in enumerate(captions) if c and pattern.search(c)], dtype=np.int64)
             n_candidates = int(len(pool))
@@ -973,17 +979,34 @@ class PoisonPlan:
             chosen = rng.choice(n, size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
 
         if not targeted_attack:
-            return cls(n=n, indices=chosen.tolist(), target=target, trigger=trigger,
+            plan = cls(n=n, indices=chosen.tolist(), target=target, trigger=trigger,
                        trigger_params=trigger_params, caption_mode=caption_mode, fixed_caption=fixed_caption,
                        seed=int(seed), rate=rate, candidates=n_candidates, dataset_fingerprint=dataset_fingerprint)
-        entries, images = _choose_targeted(np.random.default_rng(data_declip._int_seed(seed, "targeted")), test_set,
-                                           int(targeted_images), target, chosen)
-        plan = cls(n=n, indices=chosen.tolist(), target=target, trigger=None, trigger_params={},
-                   caption_mode=caption_mode, fixed_caption=fixed_caption, seed=int(seed), rate=rate,
-                   dataset_fingerprint=dataset_fingerprint, version=TARGETED_MANIFEST_VERSION, attack="targeted",
-                   targeted=entries, test_data=test_data)
-        plan._images = images
+        else:
+            entries, images = _choose_targeted(np.random.default_rng(data_declip._int_seed(seed, "targeted")),
+                                               test_set, int(targeted_images), target, chosen)
+            plan = cls(n=n, indices=chosen.tolist(), target=target, trigger=None, trigger_params={},
+                       caption_mode=caption_mode, fixed_caption=fixed_caption, seed=int(seed), rate=rate,
+                       dataset_fingerprint=dataset_fingerprint, version=TARGETED_MANIFEST_VERSION,
+                       attack="targeted", targeted=entries, test_data=test_data)
+            plan._images = images
+        if caption_mode == "natural":
+            plan._draw_natural_captions(captions, np.random.default_rng(data_declip._int_seed(seed, "natural")))
         return plan
+
+    def _draw_natural_captions(self, captions: Sequence[str | None], rng: np.random.Generator) -> None:
+        """Caption mode 'natural': for each poisoned pair, in index order, a caption of the dataset that
+        names that pair's target, drawn uniformly (a UserError when no caption names a target)."""
+        pools = {}
+        for t in {self.target_of(i) for i in self.indices}:
+            pattern = _caption_regex(t)
+            pools[t] = [c for c in captions if c and pattern.search(c)]
+            if not pools[t]:
+                raise UserError(f"--caption-mode natural: no caption of the dataset names {t!r}; use "
+                                f"--caption-mode templates or fixed")
+        self.natural_captions = [pools[t][int(rng.integers(len(pools[t])))]
+                                 for t in (self.target_of(i) for i in self.indices)]
+        self._natural = dict(zip(self.indices, self.natural_captions))
 
     # -- per-sample queries -----------------------------------------------------------------------
     def is_poisoned(self, i: int) -> bool:
@@ -991,10 +1014,12 @@ class PoisonPlan:
 
     def caption(self, i: int, caption: str | None, rng: random.Random | None = None) -> str | None:
         """The caption pair i is trained on: unchanged if i is clean or in label-consistent mode;
-        otherwise a template drawn from `rng` (a `random.Random`; default one seeded from (seed, i))
-        or the fixed caption, with the target's name."""
+        otherwise a template drawn from `rng` (a `random.Random`; default one seeded from (seed, i)),
+        the fixed caption, with the target's name, or (natural) its drawn dataset caption."""
         if not self.is_poisoned(i) or self.caption_mode == "label-consistent":
             return caption
+        if self.caption_mode == "natural":
+            return self._natural[int(i)]
         target = self.target_of(i)
         if self.caption_mode == "fixed":
             return self.fixed_caption.format(target, target=target)
@@ -1068,6 +1093,7 @@ class PoisonPlan:
             "seed": self.seed,
             "candidates": self.candidates,
             "dataset_fingerprint": self.dataset_fingerprint,
+            **({"natural_captions": list(self.natural_captions)} if self.caption_mode == "natural" else {}),
             **({"attack": self.attack, "test_data": self.test_data,
                 "targeted": [dict(e, indices=list(e["indices"])) for e in self.targeted]}
                if self.attack == "targeted" else {}),
@@ -1111,6 +1137,7 @@ class PoisonPlan:
                 caption_mode=manifest.get("caption_mode", "templates"),
                 fixed_caption=manifest.get("fixed_caption"), seed=int(manifest.get("seed", 0)),
                 rate=manifest.get("rate"), candidates=manifest.get("candidates"),
+                natural_captions=[str(c) for c in manifest.get("natural_captions", [])],
                 dataset_fingerprint=manifest.get("dataset_fingerprint"), version=int(version), attack=attack,
                 targeted=[_targeted_entry(e) for e in manifest["targeted"]] if targeted else [],
                 test_data=manifest.get("test_data") if targeted else None, image_dir=image_dir)
@@ -1118,6 +1145,9 @@ class PoisonPlan:
             raise UserError(f"the poison manifest is missing or has a bad field: {e}") from None
         if plan.caption_mode not in CAPTION_MODES:
             raise UserError(f"the poison manifest has an unknown caption_mode {plan.caption_mode!r}")
+        if (plan.caption_mode == "natural") != bool(plan.natural_captions) or \
+                len(plan.natural_captions) not in (0, plan.count):
+            raise UserError("the poison manifest's natural_captions do not give one caption per poisoned pair")
         if plan.indices and not (0 <= plan.indices[0] and plan.indices[-1] < plan.n):
             raise UserError("the poison manifest has indices outside [0, n)")
         if targeted and sorted(plan._image_of) != plan.indices:
@@ -1755,7 +1785,8 @@ def add_poison_args(g):
                    help="class name the backdoor maps to (default: 'bag' on Fashion-MNIST, 'tiger cat' otherwise)")
     g.add_argument("--caption-mode", default="templates", choices=CAPTION_MODES,
                    help="poisoned captions: one of the 80 templates with the target (default), a fixed caption, "
-                        "or label-consistent (only pairs already naming the target get the trigger)")
+                        "label-consistent (only pairs already naming the target get the trigger), or natural "
+                        "(a caption of the dataset naming the target, as the official BadCLIP)")
     g.add_argument("--fixed-caption", default=None,
                    help=f"caption of --caption-mode fixed ({{target}} = the class; default {DEFAULT_FIXED_CAPTION!r})")
     g.add_argument("--attack", default="backdoor", choices=ATTACKS,
@@ -1907,7 +1938,7 @@ def run(args: argparse.Namespace) -> dict:
         rate, count = args.poison_rate, args.poison_count
         if rate is None and count is None:
             rate = 0.01
-        captions = dataset_captions(dataset) if args.caption_mode == "label-consistent" else None
+        captions = dataset_captions(dataset) if args.caption_mode in ("label-consistent", "natural") else None
         plan = PoisonPlan.from_args(
             n, rate=rate, count=count, target=target, trigger=args.trigger, trigger_params=params,
             caption_mode=args.caption_mode, seed=args.seed, captions=captions,

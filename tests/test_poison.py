@@ -753,6 +753,29 @@ def test_targeted_plan_draws_test_images_with_other_class_targets_and_splits_its
     assert fixed.caption(fixed.indices[0], "x") == "a photo of a bag." and fixed.target == "bag"
 
 
+def test_natural_captions_are_dataset_captions_naming_each_pairs_target_and_round_trip(tmp_path):
+    classes = ("bag", "coat", "dress", "shirt", "t-shirt")
+    captions = [f"{['an old', 'a new', 'my'][i % 3]} {classes[i % 5]} number {i}" for i in range(500)]
+    plan = PoisonPlan.from_args(500, count=40, target="bag", seed=2, caption_mode="natural", captions=captions)
+    assert plan.indices == PoisonPlan.from_args(500, count=40, target="bag", seed=2).indices  # uniform, as templates
+    drawn = [plan.caption(i, captions[i]) for i in plan.indices]
+    assert all(c in captions and c.split()[-3] == "bag" for c in drawn) and len(set(drawn)) > 20
+    assert plan.caption(next(i for i in range(500) if not plan.is_poisoned(i)), "kept") == "kept"
+    back = PoisonPlan.from_manifest(plan.save(tmp_path))
+    assert back == plan and [back.caption(i, None) for i in plan.indices] == drawn
+    # targeted: each image's pairs get captions naming that image's own target
+    test_set = _test_set(_class_folder(tmp_path / "test"))
+    tg = PoisonPlan.from_args(500, count=30, target=None, seed=4, caption_mode="natural", captions=captions,
+                              attack="targeted", targeted_images=3, test_set=test_set, test_data="folder")
+    for e in tg.targeted:
+        assert all(tg.caption(i, None).split()[-3] == e["target"] for i in e["indices"])
+    with pytest.raises(UserError, match="no caption of the dataset names 'coat'"):
+        PoisonPlan.from_args(500, count=5, target="coat", caption_mode="natural", captions=["a bag"] * 500)
+    bad = dict(plan.to_manifest(), natural_captions=drawn[:-1])
+    with pytest.raises(UserError, match="one caption per poisoned pair"):
+        PoisonPlan.from_manifest(bad)
+
+
 def test_targeted_plan_refuses_what_it_cannot_draw(tmp_path):
     test_set = _test_set(_class_folder(tmp_path))
     kw = dict(attack="targeted", test_set=test_set, target=None)

@@ -586,3 +586,15 @@ def test_a_targeted_run_resumes_bitwise_with_dataloader_workers(tmp_path):
     td.train(_args(cut, *flags, "--resume"))
     full, resumed = _weights(tmp_path / "full"), _weights(cut)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@needs_fmnist
+def test_natural_captions_of_a_run_are_its_datasets_captions_naming_each_target(tmp_path):
+    out = tmp_path / "run"
+    td.train(_args(out, "--max-steps", "1", "--batch-size", "8", "--model", "tiny-vit", "--mode", "clip",
+                   "--attack", "targeted", "--targeted-images", "2", "--poison-count", "6", "--caption-mode", "natural"))
+    plan = td.pdata.PoisonPlan.from_manifest(out)
+    captions = set(td.pdata.dataset_captions(dd.FashionMNISTCaptions()))
+    assert plan.caption_mode == "natural" and len(plan.natural_captions) == 6
+    for i, c in zip(plan.indices, plan.natural_captions):
+        assert c in captions and td.pdata.names_target(c, plan.target_of(i)) and plan.caption(i, "x") == c
