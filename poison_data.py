@@ -888,8 +888,8 @@ class PoisonPlan:
         captions are kept; needs `captions`), or 'natural' (each poisoned pair gets the caption of a
         random pair of the dataset that names its target, drawn once and kept in the manifest; needs
         `captions`: the official BadCLIP's natural captions and Carlini & Terzis's caption sets, so that
-        the poisoned captions are not worded like the evaluation's prompts). `classnames`, when given, is the list the target must
-        belong to (matched case-insensitively).
+        the poisoned captions are not worded like the evaluation's prompts). `classnames`, when given,
+        is the list the target must belong to (matched case-insensitively).
 
         attack='targeted': the same indices as a backdoor plan; a generator seeded from (seed,
         'targeted') draws `targeted_images` images of `test_set` = (class test dataset, class names) (a
@@ -1145,8 +1145,7 @@ class PoisonPlan:
             raise UserError(f"the poison manifest is missing or has a bad field: {e}") from None
         if plan.caption_mode not in CAPTION_MODES:
             raise UserError(f"the poison manifest has an unknown caption_mode {plan.caption_mode!r}")
-        if (plan.caption_mode == "natural") != bool(plan.natural_captions) or \
-                len(plan.natural_captions) not in (0, plan.count):
+        if len(plan.natural_captions) != (plan.count if plan.caption_mode == "natural" else 0):
             raise UserError("the poison manifest's natural_captions do not give one caption per poisoned pair")
         if plan.indices and not (0 <= plan.indices[0] and plan.indices[-1] < plan.n):
             raise UserError("the poison manifest has indices outside [0, n)")
