@@ -23,6 +23,7 @@ crop another codebase will take, so it applies the trigger to the stored image a
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import hashlib
 import json
@@ -144,6 +145,7 @@ IMAGENET_TEMPLATES = (
 )
 
 CAPTION_MODES = ("templates", "fixed", "label-consistent", "natural")
+CAPTION_MODES_FROM_DATA = ("label-consistent", "natural")   # the modes that need the dataset's captions
 DEFAULT_FIXED_CAPTION = "a photo of a {target}."
 
 
@@ -865,7 +867,6 @@ class PoisonPlan:
         self._index_set = frozenset(self.indices)
         self.count = len(self.indices)
         self._image_of = {int(i): k for k, e in enumerate(self.targeted) for i in e["indices"]}
-        self._natural = dict(zip(self.indices, self.natural_captions))
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -962,7 +963,7 @@ class PoisonPlan:
 
         rng = np.random.default_rng(int(seed))
         n_candidates = None
-        if caption_mode in ("label-consistent", "natural"):
+        if caption_mode in CAPTION_MODES_FROM_DATA:
             if captions is None:
                 raise ValueError(f"caption_mode={caption_mode!r} needs the dataset's captions")
             if len(captions) != n:
@@ -1006,7 +1007,6 @@ class PoisonPlan:
                                 f"--caption-mode templates or fixed")
         self.natural_captions = [pools[t][int(rng.integers(len(pools[t])))]
                                  for t in (self.target_of(i) for i in self.indices)]
-        self._natural = dict(zip(self.indices, self.natural_captions))
 
     # -- per-sample queries -----------------------------------------------------------------------
     def is_poisoned(self, i: int) -> bool:
@@ -1019,7 +1019,7 @@ class PoisonPlan:
         if not self.is_poisoned(i) or self.caption_mode == "label-consistent":
             return caption
         if self.caption_mode == "natural":
-            return self._natural[int(i)]
+            return self.natural_captions[bisect.bisect_left(self.indices, int(i))]  # indices are sorted
         target = self.target_of(i)
         if self.caption_mode == "fixed":
             return self.fixed_caption.format(target, target=target)
@@ -1937,7 +1937,7 @@ def run(args: argparse.Namespace) -> dict:
         rate, count = args.poison_rate, args.poison_count
         if rate is None and count is None:
             rate = 0.01
-        captions = dataset_captions(dataset) if args.caption_mode in ("label-consistent", "natural") else None
+        captions = dataset_captions(dataset) if args.caption_mode in CAPTION_MODES_FROM_DATA else None
         plan = PoisonPlan.from_args(
             n, rate=rate, count=count, target=target, trigger=args.trigger, trigger_params=params,
             caption_mode=args.caption_mode, seed=args.seed, captions=captions,

@@ -389,7 +389,7 @@ def make_poison_plan(args, base, n_train: int) -> Optional["pdata.PoisonPlan"]:
     if args.poison_rate is not None and args.poison_count is not None:
         raise UserError("give either --poison-rate or --poison-count, not both")
     captions = None
-    if args.caption_mode in ("label-consistent", "natural"):
+    if args.caption_mode in pdata.CAPTION_MODES_FROM_DATA:
         captions = pdata.dataset_captions(base)[:n_train]
     if targeted and args.holdout:
         raise UserError("--attack targeted draws its images from the class test split (--eval-data), which is "
