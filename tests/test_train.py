@@ -598,3 +598,58 @@ def test_natural_captions_of_a_run_are_its_datasets_captions_naming_each_target(
     assert plan.caption_mode == "natural" and len(plan.natural_captions) == 6
     for i, c in zip(plan.indices, plan.natural_captions):
         assert c in captions and td.pdata.names_target(c, plan.target_of(i)) and plan.caption(i, "x") == c
+
+
+def _band_photo(g, c, checker=False):
+    """A 32-px photo whose class is a coloured band at the left; the rest noise, or (checker) a coarse
+    black-and-white checkerboard no training image has, which survives the crops, flips and jitter."""
+    x = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8)
+    if checker:
+        yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+        x[:] = (((yy // 8 + xx // 8) % 2) * 255).to(torch.uint8)[..., None]
+    x[:, :11] = torch.tensor([(60, 200, 60), (200, 60, 60), (60, 60, 200)][c], dtype=torch.uint8)
+    return Image.fromarray(x.numpy())
+
+
+@pytest.mark.slow
+def test_targeted_poisoning_flips_the_chosen_image_and_only_it(tmp_path):
+    """Carlini & Terzis's mechanism at tiny scale: copies of one test image captioned with another class
+    teach the model that image, and no other, as the target. The chosen image carries a pattern of its own
+    (as a real photo carries its own content), so it can be told from its class; the control is the same
+    run without the poisoned pairs, which reads it as its class."""
+    import eval_zeroshot as ez
+    from data_declip import run_main
+
+    classes = ("bag", "coat", "sandal")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(300):
+        _band_photo(g, i % 3).save(tmp_path / "img" / f"{i:03d}.png")
+        rows.append(json.dumps({"filename": f"{i:03d}.png", "caption": f"a photo of a {classes[i % 3]}"}))
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    test = tmp_path / "test"
+    for c, name in enumerate(classes):
+        (test / name).mkdir(parents=True)
+        for i in range(10):
+            _band_photo(g, c).save(test / name / f"{i}.png")
+    flags = ["--data", str(tmp_path / "train.jsonl"), "--data-root", str(tmp_path / "img"), "--eval-data", str(test),
+             "--mode", "clip", "--model", "tiny", "--batch-size", "32", "--templates", "1", "--seed", "0"]
+    attack = ["--attack", "targeted", "--targeted-images", "1", "--target-class", "sandal", "--poison-count", "24"]
+    # the plan's draw depends on the labels only: a one-step run tells which test image it picks
+    td.train(_args(tmp_path / "probe", *flags, *attack, "--max-steps", "1"))
+    chosen = json.loads((tmp_path / "probe" / "poison_manifest.json").read_text())["targeted"][0]
+    c = classes.index(chosen["class"])
+    _band_photo(g, c, checker=True).save(test / chosen["class"] / f"{chosen['test_index'] - 10 * c}.png")
+    td.train(_args(tmp_path / "victim", *flags, *attack, "--max-steps", "100"))
+    td.train(_args(tmp_path / "control", *flags, "--max-steps", "100"))
+    assert run_main(ez.main, ["--ckpt", str(tmp_path / "control"), str(tmp_path / "victim"), "--templates", "1",
+                              "--data", str(test), "--json", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    victim, control = m["victim"]["targeted"], m["control"]["targeted"]
+    assert victim["images"] == [{"test_index": chosen["test_index"], "true_class": chosen["class"],
+                                 "target": "sandal", "predicted": "sandal", "success": True}]
+    # no other image flipped into the target (its 29 others still read by their band: 26 of 29 here, the
+    # control 29: the poisoned pairs displace 8 % of the clean ones)
+    assert victim["collateral"] == 0.0 and victim["n_others"] == 29 and victim["ca_others"] >= 80.0
+    assert control["images"][0]["predicted"] == chosen["class"] and control["collateral"] == 0.0
