@@ -26,6 +26,7 @@ import argparse
 import bisect
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -327,17 +328,20 @@ def _patch_pattern(size: int, fill: str, seed: int) -> torch.Tensor:
     return torch.full((3, size, size), 1.0 if fill == "white" else 0.0)
 
 
-def _parse_location(location: str) -> tuple[int, int] | None:
-    if location in ("random", "fixed"):
+def _parse_location(location: str, trigger: str = "patch-random",
+                    keywords: tuple = ("random", "fixed")) -> tuple[int, int] | None:
+    """'x,y' (pixels of the top-left corner) -> (x, y); one of the trigger's `keywords` -> None."""
+    if location in keywords:
         return None
     parts = str(location).split(",")
     try:
         col, row = (int(v) for v in parts)
     except ValueError:
-        raise UserError(f"trigger 'patch-random' location must be 'random', 'fixed' or 'x,y' (pixels of "
+        named = ", ".join(repr(k) for k in keywords)
+        raise UserError(f"trigger {trigger!r} location must be {named} or 'x,y' (pixels of "
                         f"the top-left corner), got {location!r}") from None
     if col < 0 or row < 0:
-        raise UserError(f"trigger 'patch-random' location {location!r} must be non-negative")
+        raise UserError(f"trigger {trigger!r} location {location!r} must be non-negative")
     return col, row
 
 
@@ -471,30 +475,42 @@ def _check_wanet(p: dict) -> None:
 # optimized: BadCLIP's optimised patch (Liang et al., CVPR 2024, arXiv 2311.12075; official code
 # LiangSiyuan21/BadCLIP, backdoor/utils.py 'middle'): an RGB patch image (written by
 # `optimize_trigger`, this file's --optimize-trigger) pasted over the image centre, its top-left at
-# int(H/2 - l/2), int(W/2 - l/2) for side l; `size` resizes it (bilinear), default its own size.
+# int(H/2 - l/2), int(W/2 - l/2) for side l, or with `location` 'x,y' at that top-left (an option of
+# ours: the official code has only 'middle' for this patch); `location` defaults to the one the patch
+# was optimised at (its JSON record beside the file), so a patch is pasted where it was optimised.
+# `size` resizes it (bilinear), default its own size.
 # `sha256` pins the file: filled in when a plan is drawn, checked whenever the trigger is resolved.
 # ---------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=8)
-def _load_patch(path: str, sha256: str) -> torch.Tensor:  # sha256 in the key: a changed file is read again
+def _decode_patch(file) -> torch.Tensor:
+    """A patch image file (path or file object) -> float [3, l, l] in [0, 1]."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(file) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255.0
 
 
-def paste_patch(x: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-    """x [n, c, H, W] with `patch` [3, l, l] (float [0, 1]) over its centre; differentiable in `patch`."""
+@functools.lru_cache(maxsize=8)
+def _load_patch(path: str, sha256: str) -> torch.Tensor:  # sha256 in the key: a changed file is read again
+    return _decode_patch(path)
+
+
+def paste_patch(x: torch.Tensor, patch: torch.Tensor, location: str = "middle") -> torch.Tensor:
+    """x [n, c, H, W] with `patch` [3, l, l] (float [0, 1]) over its centre ('middle') or with its top-left
+    at `location` 'x,y'; differentiable in `patch`."""
     h, w = x.shape[-2:]
     side = patch.shape[-1]
-    top, left = int(h / 2 - side / 2), int(w / 2 - side / 2)
+    at = _parse_location(location, "optimized", ("middle",))
+    left, top = at if at is not None else (int(w / 2 - side / 2), int(h / 2 - side / 2))
+    if top + side > h or left + side > w:
+        raise UserError(f"the optimised patch ({side} px) at location {location!r} does not fit a {h}x{w} image")
     patch = patch[:x.shape[1]] if x.shape[1] <= 3 else patch.mean(0, keepdim=True).expand(x.shape[1], -1, -1)
     out = x.clone()
     out[..., top:top + side, left:left + side] = patch.to(device=x.device, dtype=x.dtype)
     return out
 
 
-def _trigger_optimized(x: torch.Tensor, path: str, size: int | None, sha256: str) -> torch.Tensor:
+def _trigger_optimized(x: torch.Tensor, path: str, size: int | None, location: str, sha256: str) -> torch.Tensor:
     patch = _load_patch(path, sha256)
     if size is not None and size != patch.shape[-1]:
         patch = F.interpolate(patch[None], size=(size, size), mode="bilinear", antialias=True,
@@ -502,7 +518,16 @@ def _trigger_optimized(x: torch.Tensor, path: str, size: int | None, sha256: str
     if patch.shape[-1] > min(x.shape[-2:]):
         raise UserError(f"the optimised patch ({patch.shape[-1]} px) is larger than the image "
                         f"({x.shape[-2]}x{x.shape[-1]}); give a smaller --trigger-param size=")
-    return paste_patch(x, patch)
+    return paste_patch(x, patch, location)
+
+
+def _optimized_location(path: str) -> str:
+    """The location the patch at `path` was optimised at: its --optimize-trigger record, else 'middle'."""
+    try:
+        with open(os.path.splitext(path)[0] + ".json") as f:
+            return str(json.load(f).get("location", "middle"))
+    except (OSError, ValueError, AttributeError):
+        return "middle"
 
 
 def _check_optimized(p: dict) -> None:
@@ -519,6 +544,10 @@ def _check_optimized(p: dict) -> None:
         raise UserError(f"cannot read the optimised patch {p['path']}: {e}") from None
     if side[0] != side[1]:
         raise UserError(f"the optimised patch {p['path']} must be square, got {side[1]}x{side[0]} px")
+    if p["location"] is None:
+        p["location"] = _optimized_location(p["path"])
+    p["location"] = str(p["location"]).replace(" ", "")
+    _parse_location(p["location"], "optimized", ("middle",))
     if p["sha256"] is None:
         p["sha256"] = digest
     elif p["sha256"] != digest:
@@ -581,9 +610,11 @@ TRIGGERS: dict[str, TriggerSpec] = {
         "wanet", _trigger_wanet, {"k": 4, "s": 0.5, "seed": 0, "grid_rescale": 1.0}, _check_wanet,
         "WaNet: smooth warp from a seeded k x k offset grid, strength s"),
     "optimized": TriggerSpec(
-        "optimized", _trigger_optimized, {"path": None, "size": None, "sha256": None}, _check_optimized,
-        "BadCLIP: an optimised patch image (`path`, from --optimize-trigger) over the image centre, resized to "
-        "`size` px (default: its own size); `sha256` pins the file"),
+        "optimized", _trigger_optimized, {"path": None, "size": None, "location": None, "sha256": None},
+        _check_optimized,
+        "BadCLIP: an optimised patch image (`path`, from --optimize-trigger) over the image centre ('middle') "
+        "or at `location` 'x,y' (default: where it was optimised), resized to `size` px (default: its own "
+        "size); `sha256` pins the file"),
 }
 
 
@@ -1603,13 +1634,14 @@ class TriggerObjective:
     mse_weight: float = 1000.0
     triplet_weight: float = 0.0
     triplet_margin: float = 1.0
+    location: str = "middle"       # where the patch is pasted (paste_patch)
 
     def __call__(self, model, patch, views, tokens, pos, mean, std) -> tuple[torch.Tensor, dict]:
         """views: float [B, 3, S, S] in [0, 1]; tokens [B, L] of target captions; pos [B, D] (normalised)."""
         import modeling_declip as md
 
         norm = data_declip.normalize
-        z = F.normalize(model.encode_image(norm(paste_patch(views, patch.clamp(0.0, 1.0)), mean, std)), dim=-1)
+        z = F.normalize(model.encode_image(norm(paste_patch(views, patch.clamp(0.0, 1.0), self.location), mean, std)), dim=-1)
         with torch.no_grad():
             t = F.normalize(model.encode_text(tokens), dim=-1)
         parts = {"clip": md.info_nce(z, t, md.clamp_scale(model.logit_scale.detach()))}
@@ -1742,15 +1774,14 @@ def optimize_trigger(model, data: TriggerData, size: int, objective: TriggerObje
     return patch.detach().clamp(0.0, 1.0).cpu(), history
 
 
-def save_patch(patch: torch.Tensor, path: str) -> str:
-    """The patch as an 8-bit RGB PNG (lossless; the official wrote a JPEG), written atomically."""
+def patch_png(patch: torch.Tensor) -> bytes:
+    """The patch as the bytes of an 8-bit RGB PNG (lossless; the official wrote a JPEG)."""
     from PIL import Image
 
-    if not path.lower().endswith(".png"):
-        raise UserError(f"--optimize-trigger writes a PNG; give a path ending in .png, got {path}")
     arr = patch.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    atomic_write(path, lambda p: Image.fromarray(arr, "RGB").save(p, format="PNG"))
-    return path
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def default_target(target: str | None, dataset) -> str:
@@ -1827,6 +1858,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", default=None, help="the clean model the patch is optimised against (run dir or weights)")
     g.add_argument("--patch-size", type=int, default=None,
                    help="patch side in pixels at the model's input size (default: 1/14 of it, 16 px at 224)")
+    g.add_argument("--patch-location", default="middle",
+                   help="where the patch is pasted: 'middle' (the image centre, as the official) or 'x,y' (its "
+                        "top-left, in pixels at the model's input size); the trigger uses the same by default")
     g.add_argument("--optimize-pairs", type=int, default=10000,
                    help="images whose captions do not name the target, each given a target caption")
     g.add_argument("--optimize-epochs", type=int, default=50, help="passes over the pairs")
@@ -1867,6 +1901,8 @@ def run_optimize_trigger(args: argparse.Namespace, dataset) -> dict:
 
     if args.ckpt is None:
         raise UserError("--optimize-trigger needs --ckpt, the clean model to optimise the patch against")
+    if not args.optimize_trigger.lower().endswith(".png"):
+        raise UserError(f"--optimize-trigger writes a PNG; give a path ending in .png, got {args.optimize_trigger}")
     if min(args.optimize_pairs, args.optimize_epochs, args.optimize_batch_size) < 1 or args.optimize_lr <= 0 \
             or not (0 <= args.aug_prob <= 1 and 0 <= args.eda_prob <= 1):
         raise UserError("--optimize-pairs/-epochs/-batch-size must be >= 1, --optimize-lr > 0 and --aug-prob, "
@@ -1879,23 +1915,29 @@ def run_optimize_trigger(args: argparse.Namespace, dataset) -> dict:
     target = default_target(args.target_class, dataset)
     data = TriggerData.from_dataset(dataset, target, model.config.image_size, args.optimize_pairs, args.seed,
                                     progress=not args.no_progress)
-    objective = TriggerObjective(args.mse_weight, args.triplet_weight, args.triplet_margin)
+    location = str(args.patch_location).replace(" ", "")
+    paste_patch(torch.zeros(1, 3, model.config.image_size, model.config.image_size), torch.zeros(3, size, size),
+                location)                                       # a bad or ill-fitting location fails now
+    objective = TriggerObjective(args.mse_weight, args.triplet_weight, args.triplet_margin, location)
     model.eval().requires_grad_(False)
     before = trigger_objective(model, initial_patch(size, args.seed), data, objective, args.optimize_batch_size)
     patch, history = optimize_trigger(model, data, size, objective, args.optimize_epochs, args.optimize_batch_size,
                                       args.optimize_lr, args.aug_prob, args.eda_prob, args.seed,
                                       progress=not args.no_progress)
-    path = save_patch(patch, args.optimize_trigger)
-    digest = data_declip.file_sha256(path)
-    saved = _load_patch(os.path.abspath(path), digest)   # the 8-bit file is what training uses
+    path = args.optimize_trigger
+    png = patch_png(patch)
+    digest = hashlib.sha256(png).hexdigest()
+    saved = _decode_patch(io.BytesIO(png))   # the 8-bit file is what training uses
     after = trigger_objective(model, saved, data, objective, args.optimize_batch_size)
-    record = {"patch": os.path.abspath(path), "sha256": digest, "size": size, "target": target,
+    record = {"patch": os.path.abspath(path), "sha256": digest, "size": size, "location": location, "target": target,
               "ckpt": args.ckpt, "pairs": len(data.views), "target_images": len(data.target_views),
               "epochs": args.optimize_epochs, "batch_size": args.optimize_batch_size, "lr": args.optimize_lr,
               "mse_weight": args.mse_weight, "triplet_weight": args.triplet_weight,
               "triplet_margin": args.triplet_margin, "aug_prob": args.aug_prob, "eda_prob": args.eda_prob,
               "seed": args.seed, "objective_initial": before, "objective_final": after, "epoch_loss": history}
+    # the record first, the patch last: a patch file on disk always has its own record (and location) beside it
     atomic_write(os.path.splitext(path)[0] + ".json", lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
+    atomic_write(path, lambda p: p.write_bytes(png))
     print(f"optimised trigger: {path} ({size} px, target {target!r}; objective {before['loss']:.4f} -> "
           f"{after['loss']:.4f}); use --trigger optimized --trigger-param path={path}")
     return record

@@ -596,6 +596,15 @@ def test_optimized_trigger_pastes_the_file_over_the_centre_pixel_exact(patch_png
     assert not torch.equal(z[..., 14:17, 13:16], x[..., 14:17, 13:16])
     with pytest.raises(UserError, match="larger than the image"):
         apply_trigger(torch.zeros(3, 4, 4), "optimized", path=patch_png)
+    # location='x,y' puts its top-left at column x, row y
+    c = apply_trigger(x, "optimized", path=patch_png, location="3,20")
+    expect = x.clone()
+    expect[..., 20:26, 3:9] = patch
+    assert torch.equal(c, expect)
+    with pytest.raises(UserError, match="does not fit"):
+        apply_trigger(x, "optimized", path=patch_png, location="25,0")     # columns 25-30 of a 30-wide image
+    with pytest.raises(UserError, match="'middle' or 'x,y'"):
+        pd.resolve_trigger_params("optimized", {"path": patch_png, "location": "corner"})
 
 
 def test_optimized_trigger_pins_its_file_by_sha256(patch_png, tmp_path, monkeypatch):
@@ -663,6 +672,16 @@ def test_optimized_patch_lowers_its_own_objective_against_a_frozen_model():
     assert history[-1] < history[0]
     for k, v in model.state_dict().items():                                    # the model stays frozen
         assert torch.equal(v, before_weights[k]), k
+    # the objective sees the patch where it is pasted: pixels under it do not count, the rest do
+    views = data.views[:8].float() / 255
+    under = views.clone()
+    under[..., 2:10, 5:13] = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    tokens = torch.zeros(8, 4, dtype=torch.long)
+    pos = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    at, middle = pd.TriggerObjective(location="5,2"), pd.TriggerObjective()
+    same = [float(at(model, patch, v, tokens, pos, (0.5,) * 3, (0.5,) * 3)[0]) for v in (views, under)]
+    moved = [float(middle(model, patch, v, tokens, pos, (0.5,) * 3, (0.5,) * 3)[0]) for v in (views, under)]
+    assert same[0] == pytest.approx(same[1], abs=1e-6) and moved[0] != pytest.approx(moved[1], abs=1e-4)
 
 
 def test_cli_optimize_trigger_writes_a_patch_that_training_can_use(tmp_path):
@@ -681,17 +700,22 @@ def test_cli_optimize_trigger_writes_a_patch_that_training_can_use(tmp_path):
     argv = ["--data", str(src / "meta.jsonl"), "--optimize-trigger", str(out), "--ckpt", str(tmp_path / "clean.safetensors"),
             "--target-class", "bag", "--patch-size", "5", "--optimize-epochs", "3", "--optimize-batch-size", "4",
             "--optimize-lr", "0.05", "--no-progress"]
+    assert run_main(pd.main, argv + ["--patch-location", "28,0"]) == 2 and not out.exists()  # columns 28-32 of 32
+    argv += ["--patch-location", "20,24"]
     assert run_main(pd.main, argv) == 0
     record = json.loads((tmp_path / "trig" / "patch.json").read_text())
     assert Image.open(out).size == (5, 5) and record["size"] == 5 and record["pairs"] == 12
     assert record["objective_final"]["loss"] < record["objective_initial"]["loss"]
-    assert record["sha256"] == pd.resolve_trigger_params("optimized", {"path": str(out)})["sha256"]
+    # the trigger finds the place the patch was optimised at in its record
+    params = pd.resolve_trigger_params("optimized", {"path": str(out)})
+    assert record["location"] == params["location"] == "20,24" and record["sha256"] == params["sha256"]
     # the same run can go on to write a poisoned copy carrying the new patch
     copy = tmp_path / "copy"
     assert run_main(pd.main, argv + ["--trigger", "optimized", "--trigger-param", f"path={out}", "--poison-count", "2",
                                      "--out", str(copy)]) == 0
     manifest = json.loads((copy / pd.MANIFEST_NAME).read_text())
     assert manifest["trigger"] == "optimized" and manifest["trigger_params"]["sha256"] == record["sha256"]
+    assert manifest["trigger_params"]["location"] == "20,24"
     assert run_main(pd.main, ["--data", str(src / "meta.jsonl"), "--optimize-trigger", str(out)]) == 2  # no --ckpt
 
 
