@@ -414,10 +414,11 @@ def _top1(pred, y) -> float:
     return _pct((pred == y).sum(), len(y))
 
 
-def targeted_pairs(entries, dataset=None, classnames=None) -> list[tuple[int, str]]:
+def targeted_pairs(entries, dataset=None, classnames=None, test_data=None) -> list[tuple[int, str]]:
     """(test index, target class) of a targeted-poisoning plan's manifest entries ("test_index", "target",
     "pixels_sha256"). With `dataset` (the class test set) each entry's image must be that set's item at its
-    test index, pixel for pixel, and with `classnames` its target one of them; else a UserError."""
+    test index, pixel for pixel, and with `classnames` its target one of them; else a UserError naming
+    `test_data`, the plan's test set, when known."""
     from data_declip import source_image
     from poison_data import image_sha256
 
@@ -427,9 +428,9 @@ def targeted_pairs(entries, dataset=None, classnames=None) -> list[tuple[int, st
         if dataset is not None:
             img = source_image(dataset, i) if 0 <= i < len(dataset) else None
             if img is None or image_sha256(img) != e["pixels_sha256"]:
+                drawn = f"--data {test_data}" if test_data else "its manifest's test_data"
                 raise UserError(f"test image {i} of the evaluation data is not the image the targeted-poisoning "
-                                f"plan chose; evaluate on the test data the run drew it from (its manifest's "
-                                f"test_data)")
+                                f"plan chose; evaluate on the test data the run drew it from ({drawn})")
         if classnames is not None:
             resolve_target(e["target"], classnames)
         pairs.append((i, str(e["target"])))
@@ -1306,7 +1307,8 @@ def read_manifest(path) -> dict:
 
     plan = PoisonPlan.from_manifest(str(path))
     if plan.attack == "targeted":
-        return {"trigger": None, "trigger_params": {}, "target": None, "targeted": list(plan.targeted)}
+        return {"trigger": None, "trigger_params": {}, "target": None, "targeted": list(plan.targeted),
+                "test_data": plan.test_data}
     return {"trigger": plan.trigger, "trigger_params": dict(plan.trigger_params), "target": plan.target,
             "targeted": None}
 
@@ -1324,7 +1326,8 @@ def _manifest_from_metadata(weights) -> dict | None:
     for key in ("poison_manifest", "poison", "manifest"):
         m = meta.get(key)
         if isinstance(m, dict) and m.get("attack") == "targeted" and isinstance(m.get("targeted"), list):
-            return {"trigger": None, "trigger_params": {}, "target": None, "targeted": m["targeted"]}
+            return {"trigger": None, "trigger_params": {}, "target": None, "targeted": m["targeted"],
+                    "test_data": m.get("test_data")}
         if isinstance(m, dict) and m.get("trigger") and m.get("target"):
             return {"trigger": m["trigger"], "trigger_params": dict(m.get("trigger_params") or {}),
                     "target": m["target"], "targeted": None}
@@ -1494,7 +1497,7 @@ def _plan_backdoor(args, resolved, params_flag):
         man = shared if args.manifest else (own or shared)
         man = man or {"trigger": None, "trigger_params": {}, "target": None, "targeted": None}
         if man.get("targeted") and args.trigger is None and args.target_class is None:
-            plans.append((None, {}, None, man["targeted"]))
+            plans.append((None, {}, None, (man["targeted"], man.get("test_data"))))
             continue
         trig = args.trigger or man["trigger"]
         params = dict(man["trigger_params"]) if (man["trigger"] and trig == man["trigger"]) else {}
@@ -1627,7 +1630,7 @@ def run(args) -> dict:
         target = classnames[resolve_target(tgt, classnames)] if tgt is not None else None
         class_emb = class_embeddings(model, classnames, templates, device=accelerator.device,
                                      batch_size=args.batch_size, accelerator=accelerator, bf16=args.eval_bf16)
-        pairs = targeted_pairs(chosen, dataset, classnames) if chosen else None  # its test images, checked
+        pairs = targeted_pairs(chosen[0], dataset, classnames, chosen[1]) if chosen else None  # images checked
         m = evaluate(model, dataset, classnames, templates, trigger=trig, trigger_params=params, target=target,
                      accelerator=accelerator, bf16=args.eval_bf16, batch_size=args.batch_size,
                      num_workers=args.workers, class_emb=class_emb, crop_pct=crop_pct, seed=args.seed,

@@ -594,7 +594,8 @@ class EvalHook:
             if self.args.holdout:
                 raise UserError("a targeted-poisoning plan is measured on the class test split it drew its images "
                                 "from (--eval-data), not on --holdout pairs; drop --holdout")
-            return dict(targeted=ez.targeted_pairs(self.plan.targeted, dataset, classnames))
+            return dict(targeted=ez.targeted_pairs(self.plan.targeted, dataset, classnames,
+                                                        self.plan.test_data))
         return dict(trigger=self.plan.trigger, trigger_params=self.plan.trigger_params, target=self.plan.target)
 
     def check(self, image_size: int = 32):

@@ -950,3 +950,14 @@ def test_cli_reports_a_targeted_run_with_its_success_where_the_asr_sits(targeted
     assert run_main(ez.main, ["--ckpt", str(dirs["victim"]), "--templates", "1", "--no-backdoor",
                               "--json", str(tmp_path / "n.json")]) == 0
     assert "targeted" not in json.loads((tmp_path / "n.json").read_text())
+
+
+def test_cli_names_the_test_data_a_targeted_plan_drew_its_images_from_when_they_differ(targeted_cli, tmp_path,
+                                                                                          capsys):
+    victim = targeted_cli["victim"]
+    manifest = json.loads((victim / "poison_manifest.json").read_text())
+    manifest["test_data"] = "photos/meta.jsonl"
+    manifest["targeted"][0]["pixels_sha256"] = "0" * 64                 # another image than the evaluation's
+    (victim / "poison_manifest.json").write_text(json.dumps(manifest))
+    assert run_main(ez.main, ["--ckpt", str(victim), "--templates", "1"]) == 2
+    assert "drew it from (--data photos/meta.jsonl)" in capsys.readouterr().err
