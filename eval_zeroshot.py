@@ -1301,16 +1301,17 @@ def _build_caption_dataset(data, image_size, split=None):
 
 
 def read_manifest(path) -> dict:
-    """{"trigger", "trigger_params", "target", "targeted"} of a poison_manifest.json (or a run directory holding
-    one); "targeted": a targeted-poisoning plan's entries (no trigger, no single target), else None."""
+    """{"trigger", "trigger_params", "target", "targeted", "count"} of a poison_manifest.json (or a run directory
+    holding one); "targeted": a targeted-poisoning plan's entries (no trigger, no single target), else None;
+    "count": its number of poisoned pairs."""
     from poison_data import PoisonPlan
 
     plan = PoisonPlan.from_manifest(str(path))
     if plan.attack == "targeted":
         return {"trigger": None, "trigger_params": {}, "target": None, "targeted": list(plan.targeted),
-                "test_data": plan.test_data}
+                "test_data": plan.test_data, "count": len(plan.indices)}
     return {"trigger": plan.trigger, "trigger_params": dict(plan.trigger_params), "target": plan.target,
-            "targeted": None}
+            "targeted": None, "count": len(plan.indices)}
 
 
 def _manifest_from_metadata(weights) -> dict | None:
@@ -1327,10 +1328,10 @@ def _manifest_from_metadata(weights) -> dict | None:
         m = meta.get(key)
         if isinstance(m, dict) and m.get("attack") == "targeted" and isinstance(m.get("targeted"), list):
             return {"trigger": None, "trigger_params": {}, "target": None, "targeted": m["targeted"],
-                    "test_data": m.get("test_data")}
+                    "test_data": m.get("test_data"), "count": m.get("count")}
         if isinstance(m, dict) and m.get("trigger") and m.get("target"):
             return {"trigger": m["trigger"], "trigger_params": dict(m.get("trigger_params") or {}),
-                    "target": m["target"], "targeted": None}
+                    "target": m["target"], "targeted": None, "count": m.get("count")}
     return None
 
 
@@ -1482,7 +1483,10 @@ def _plan_backdoor(args, resolved, params_flag):
     of a targeted-poisoning manifest (measured unless --trigger / --target-class ask for a backdoor), else None."""
     manifests = []
     for wpath, mpath in resolved:
-        manifests.append(read_manifest(mpath) if mpath is not None else _manifest_from_metadata(wpath))
+        m = read_manifest(mpath) if mpath is not None else _manifest_from_metadata(wpath)
+        # a run that poisoned no pair (--poison-rate 0: a clean baseline) names no attack; its defaults
+        # (trigger, target) must not measure it or the others
+        manifests.append(m if m is not None and m["count"] != 0 else None)
     if args.manifest:
         if not os.path.exists(args.manifest):
             raise UserError(f"--manifest {args.manifest} does not exist; pass a poison_manifest.json.")

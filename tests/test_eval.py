@@ -961,3 +961,17 @@ def test_cli_names_the_test_data_a_targeted_plan_drew_its_images_from_when_they_
     (victim / "poison_manifest.json").write_text(json.dumps(manifest))
     assert run_main(ez.main, ["--ckpt", str(victim), "--templates", "1"]) == 2
     assert "drew it from (--data photos/meta.jsonl)" in capsys.readouterr().err
+
+
+def test_cli_a_run_that_poisoned_no_pair_is_measured_with_the_others_trigger(fake_cli, tmp_path):
+    """A clean baseline trained with --poison-rate 0 has a manifest of no pairs (and the default trigger and
+    target): it names no attack, so the victim's trigger and target measure it, not its own defaults."""
+    from poison_data import PoisonPlan
+
+    dirs = fake_cli
+    PoisonPlan(n=100, indices=[], target="class5", trigger="blended").save(dirs["ft"])
+    assert run_main(ez.main, ["--ckpt", str(dirs["ft"]), str(dirs["victim"]), "--templates", "1",
+                              "--json", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    for name in ("ft", "victim"):
+        assert (m[name]["backdoor"]["trigger"], m[name]["backdoor"]["target"]) == ("patch", "class2")
