@@ -1290,6 +1290,27 @@ def _load_model(path, device="cpu", activation=None):
         raise UserError(f"--ckpt {path}: {e}.") from None
 
 
+def runs_test_data(resolved) -> tuple:
+    """(--eval-data, --eval-data-root) that the training runs among the checkpoints evaluated on (their
+    config.json), so that a run trained with its own test set is not measured on Fashion-MNIST by default;
+    (None, None) when none names one. Runs that name different ones need --data."""
+    from train_declip import run_config
+
+    named = {}
+    for wpath, _ in resolved:
+        cfg = run_config(os.path.dirname(os.path.abspath(wpath)))
+        if cfg.get("eval_data") is not None and not cfg.get("holdout"):
+            named.setdefault((cfg["eval_data"], cfg.get("eval_data_root")), wpath)
+    if len(named) > 1:
+        raise UserError("the checkpoints' runs were evaluated on different test data ("
+                        + ", ".join(f"{d} for {w}" for (d, _), w in named.items()) + "); pass --data")
+    if named:
+        (data, root), wpath = next(iter(named.items()))
+        print(f"[eval] test data: {data}, the --eval-data of {wpath}'s run (--data to change it)", file=sys.stderr)
+        return data, root
+    return None, None
+
+
 def _build_class_dataset(data, image_size, classnames, root=None):
     return build_class_dataset(data, split="test", image_size=image_size, classnames=classnames, root=root)
 
@@ -1388,8 +1409,9 @@ def build_parser():
                         "quick_gelu, with a note; open_clip's non-quickgelu models need gelu)")
     p.add_argument("--names", nargs="+", action="extend", default=None,
                    help="display name per --ckpt (default: run directory / file name)")
-    p.add_argument("--data", default=None, help="class test data: fashion-mnist (default), an ImageFolder "
-                   "directory with --classnames, or a JSON-lines meta with label/label_name")
+    p.add_argument("--data", default=None, help="class test data: fashion-mnist, an ImageFolder directory with "
+                   "--classnames, or a JSON-lines meta with label/label_name (default: the --eval-data the "
+                   "checkpoints' training runs evaluated on, else fashion-mnist)")
     p.add_argument("--data-root", default=None, help="directory the image paths of a --data meta file (JSONL, "
                    "CSV, HF) are relative to (default: the meta file's directory)")
     p.add_argument("--classnames", default=None, help="class-names file (one name per line, in label order)")
@@ -1595,6 +1617,8 @@ def run(args) -> dict:
     if args.probe_c is not None and args.probe_c <= 0:
         raise UserError(f"--probe-c must be positive, got {args.probe_c}")
     resolved = [resolve_ckpt(c) for c in ckpts]
+    if args.data is None and args.data_root is None:
+        args.data, args.data_root = runs_test_data(resolved)
     templates = get_templates(args.templates)
     plans = _plan_backdoor(args, resolved, parse_trigger_params(args.trigger_param))
     victim = _victim_ref(args, names)

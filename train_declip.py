@@ -1148,20 +1148,25 @@ VICTIM_FORMAT_FLAGS = {"data": ("data_root", "image_column", "caption_column", "
                        "eval_data": ("eval_data_root",), "holdout": ()}
 
 
-def take_victim_flags(args, ckpt_dir: Optional[str]) -> dict:
-    """Fill --data (with its format flags), --eval-data (with --eval-data-root) and --holdout that the user
-    did not give (None) from the victim's config.json in ckpt_dir, so that the defense draws its clean subset
-    from, and evaluates on, what the victim was trained and evaluated on. Returns {flag: value} taken."""
+def run_config(run_dir: Optional[str]) -> dict:
+    """The flags of the training run in run_dir (its config.json); {} for anything else (a transformers or
+    open_clip directory, a bare file, an unreadable config)."""
+    path = os.path.join(run_dir, "config.json") if run_dir else None
     cfg = None
-    path = os.path.join(ckpt_dir, "config.json") if ckpt_dir else None
     if path and os.path.isfile(path):
         try:
             with open(path) as f:
                 cfg = json.load(f)
         except (OSError, ValueError):
             cfg = None
-    if not (isinstance(cfg, dict) and "resolved" in cfg):  # not one of our run directories (e.g. transformers')
-        cfg = {}
+    return cfg if isinstance(cfg, dict) and "resolved" in cfg else {}
+
+
+def take_victim_flags(args, ckpt_dir: Optional[str]) -> dict:
+    """Fill --data (with its format flags), --eval-data (with --eval-data-root) and --holdout that the user
+    did not give (None) from the victim's config.json in ckpt_dir, so that the defense draws its clean subset
+    from, and evaluates on, what the victim was trained and evaluated on. Returns {flag: value} taken."""
+    cfg = run_config(ckpt_dir)
     taken = {}
     for flag in VICTIM_FLAGS:
         if getattr(args, flag) is not None or flag not in cfg:

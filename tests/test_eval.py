@@ -975,3 +975,24 @@ def test_cli_a_run_that_poisoned_no_pair_is_measured_with_the_others_trigger(fak
     m = json.loads((tmp_path / "m.json").read_text())
     for name in ("ft", "victim"):
         assert (m[name]["backdoor"]["trigger"], m[name]["backdoor"]["target"]) == ("patch", "class2")
+
+
+def test_cli_evaluates_a_run_on_the_test_data_it_was_trained_to_evaluate_on(fake_cli, tmp_path, monkeypatch, capsys):
+    """A run trained with --eval-data X is measured on X by default, not on Fashion-MNIST; --data wins; runs
+    that name different test sets need --data."""
+    dirs = fake_cli
+    seen = []
+    monkeypatch.setattr(ez, "_build_class_dataset", lambda data, size, cn, root=None: (
+        seen.append((data, root)) or (intensity_dataset(per_class=10), list(CLASSES))))
+    cfg = {"resolved": {}, "eval_data": str(tmp_path / "photos"), "eval_data_root": None, "holdout": 0}
+    (dirs["victim"] / "config.json").write_text(json.dumps(cfg))
+    argv = ["--ckpt", str(dirs["ft"]), str(dirs["victim"]), "--templates", "1", "--json", str(tmp_path / "m.json")]
+    assert run_main(ez.main, argv) == 0
+    assert seen and set(seen) == {(str(tmp_path / "photos"), None)}
+    assert json.loads((tmp_path / "m.json").read_text())["ft"]["dataset"] == str(tmp_path / "photos")
+    assert "the --eval-data of" in capsys.readouterr().err
+    seen.clear()
+    assert run_main(ez.main, argv + ["--data", "fashion-mnist"]) == 0 and set(seen) == {("fashion-mnist", None)}
+    (dirs["ft"] / "config.json").write_text(json.dumps(dict(cfg, eval_data=str(tmp_path / "other"))))
+    assert run_main(ez.main, argv) == 2
+    assert "evaluated on different test data" in capsys.readouterr().err

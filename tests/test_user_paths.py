@@ -122,9 +122,10 @@ def test_poison_defend_and_report_on_photos(photos, tmp_path, mode):
     for out in runs.values():
         assert _strict_json(out / "config.json")["from_victim_config"]["data_root"] == photos["root"]
 
-    # the report: every defense's before/after equals eval_zeroshot's numbers for the same model
+    # the report: every defense's before/after equals eval_zeroshot's numbers for the same model, on the
+    # photos' test set the runs evaluated on (their --eval-data, read from their config.json: no --data)
     rc = run_main(ez.main, ["--ckpt", str(victim), *map(str, runs.values()), "--names", "victim", *runs,
-                  "--report", str(tmp_path / "report"), "--data", photos["test"], "--templates", "1", "--cpu"])
+                  "--report", str(tmp_path / "report"), "--templates", "1", "--cpu"])
     assert rc == 0
     report = _strict_json(tmp_path / "report" / "report.json")
     results = report["results"]
