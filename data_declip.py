@@ -1546,7 +1546,7 @@ def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> 
 
     Returns dict(images uint8[B,3,H,W], sizes LongTensor[B,2] (each image's true h, w), tokens, tokens_aug
     LongTensor[B,L], index LongTensor, epoch LongTensor (each item's pass over the data), poisoned
-    BoolTensor, n_bad int). A batch of only bad samples has
+    BoolTensor, n_bad int, first_epoch int (the first item's pass)). A batch of only bad samples has
     B = 0 (images shape [0,3,0,0]).
     """
     good = [it for it in items if it is not None]
@@ -1556,7 +1556,7 @@ def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> 
                     tokens=torch.empty(0, context_length, dtype=torch.long),
                     tokens_aug=torch.empty(0, context_length, dtype=torch.long),
                     index=torch.empty(0, dtype=torch.long), epoch=torch.empty(0, dtype=torch.long),
-                    poisoned=torch.empty(0, dtype=torch.bool), n_bad=n_bad)
+                    poisoned=torch.empty(0, dtype=torch.bool), n_bad=n_bad, first_epoch=0)
     images, sizes = pad_images([it["image"] for it in good])
     return dict(images=images, sizes=sizes,
                 tokens=tokenize([it["text"] for it in good], context_length),
@@ -1564,7 +1564,7 @@ def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> 
                 index=torch.tensor([it["index"] for it in good], dtype=torch.long),
                 epoch=torch.tensor([it.get("epoch", 0) for it in good], dtype=torch.long),
                 poisoned=torch.tensor([bool(it["poisoned"]) for it in good], dtype=torch.bool),
-                n_bad=n_bad)
+                n_bad=n_bad, first_epoch=int(good[0].get("epoch", 0)))  # a host int: no device read per step
 
 
 # --------------------------------------------------------------------------------------------------

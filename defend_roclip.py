@@ -127,8 +127,9 @@ class RoCLIP(td.Extension):
         inputs = views(batch, b, generator)
         inputs["tokens"] = batch["tokens_aug"][:b].to(self.device, non_blocking=True)  # the EDA caption
         self.ids = batch["index"][:b].to(self.device, non_blocking=True)
-        # the pass of the step's first pair (a batch straddling two passes belongs to the earlier one)
-        self.roclip_step = is_roclip_pass(int(batch["epoch"][0]), self.break_epoch)
+        # the pass of the step's first pair (a batch straddling two passes belongs to the earlier one), read
+        # from the collated host int: batch["epoch"] sits on the accelerator, where reading it syncs every step
+        self.roclip_step = is_roclip_pass(batch["first_epoch"], self.break_epoch)
         if self.roclip_step and self.pool.filled():
             inputs["weights"] = self.off
         else:

@@ -128,3 +128,21 @@ def test_pool_fill_count_is_kept_on_the_host_and_restored_with_the_state():
     half.push(torch.randn(2, 3), torch.arange(2))
     fresh.load_state_dict(half.state_dict())
     assert fresh.filled() == 2
+
+
+def test_the_pass_rule_reads_the_collated_host_int_not_the_device_epoch_tensor():
+    """batch["epoch"] is on the accelerator under Accelerate; reading it would sync every step. A meta tensor
+    (which cannot be read) stands in for it; the collated first_epoch decides the pass."""
+    model = md.build_model("tiny-vit", context_length=16)
+    ext = rc.RoCLIP(break_epoch=2, pool_size=4)
+    ext.setup(type("A", (), {"device": torch.device("cpu"), "num_processes": 1,
+                             "register_for_checkpointing": lambda self, *o: None})(), model, None, range(100))
+    ext.pool.push(torch.randn(4, model.config.embed_dim), torch.arange(4))
+    items = [{"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "text": "a", "text_aug": "a", "index": i,
+              "epoch": e, "poisoned": False} for i, e in ((7, 1), (8, 2))]
+    batch = dd.collate_pairs(items, 16)
+    assert batch["first_epoch"] == 1 and batch["epoch"].tolist() == [1, 2]
+    for first, roclip in ((1, True), (0, False), (2, False)):
+        batch = dict(batch, epoch=torch.empty(2, dtype=torch.long, device="meta"), first_epoch=first)
+        inputs = ext.make_inputs(batch, 2, torch.Generator(), lambda b, n, g: {})
+        assert ext.roclip_step is roclip and (inputs.get("weights") is ext.off) is roclip
