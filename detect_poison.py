@@ -36,7 +36,6 @@ scores.npy, the index order and the metrics' sort (1.6 GB for 15M pairs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -188,15 +187,6 @@ def flag(scores, fraction=None, threshold=None) -> np.ndarray:
 # Data: the training pairs as the victim saw them
 
 
-def _victim_config(ckpt: str) -> dict:
-    d = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
-    path = os.path.join(d, "config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def _data_manifest(data):
     """The poison_manifest.json of a materialised poisoned copy named by --data, or None."""
     if not data:
@@ -312,7 +302,8 @@ def detect(args) -> dict:
     _check_args(args)
     t0 = time.time()
     weights, victim_manifest = ez.resolve_ckpt(args.ckpt, hint="train the victim first: make victim")
-    resolve_data(args, _victim_config(args.ckpt))
+    victim_cfg = td.run_config(os.path.dirname(os.path.abspath(weights)))  # the victim's flags, {} if not our run
+    resolve_data(args, victim_cfg)
     copy_manifest = _data_manifest(args.data)
     accelerator = Accelerator(cpu=args.cpu)
     device, main = accelerator.device, accelerator.is_main_process
@@ -332,7 +323,7 @@ def detect(args) -> dict:
                         f"give the victim's --data (and --holdout)")
     applied = plan if (plan is not None and not copy_manifest and not args.manifest) else None
     train_base = torch.utils.data.Subset(base, range(n_train)) if args.holdout else base
-    seed = int(_victim_config(args.ckpt).get("seed", plan.seed if plan else 0))
+    seed = int(victim_cfg.get("seed", plan.seed if plan else 0))
     pairs = dd.TrainPairs(train_base, seed=seed, context_length=cfg.context_length, poison=applied, eda=False)
     trigger = ez.make_trigger(applied.trigger, applied.trigger_params, seed) if applied else None
 
