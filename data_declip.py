@@ -316,6 +316,18 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Long
     return torch.tensor(rows, dtype=torch.long)
 
 
+def trim_padding(*tokens: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, ...]:
+    """The token batches cut to their longest caption, rounded up to ``multiple`` positions (a few
+    shapes for torch.compile and tensor cores), all to one length (CleanCLIP concatenates its two
+    views). Exact: under the text tower's causal mask no position after a row's EOT reaches its
+    features, so the cut only saves the work on padding (32 -> 16 positions on the demo's captions)."""
+    full = tokens[0].shape[1]
+    cols = [t.ne(PAD_ID).any(0).nonzero() for t in tokens]
+    used = max((int(c.max()) + 1 for c in cols if c.numel()), default=1)
+    n = min(full, -(-used // multiple) * multiple)
+    return tuple(t[:, :n] for t in tokens)
+
+
 def decode(tokens: Sequence[int]) -> str:
     """Text of token ids up to the first EOT (SOT/mask skipped); for debugging and tests."""
     bpe = _bpe()
@@ -1545,7 +1557,7 @@ def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> 
     (``pad_images``), tokenize both texts.
 
     Returns dict(images uint8[B,3,H,W], sizes LongTensor[B,2] (each image's true h, w), tokens, tokens_aug
-    LongTensor[B,L], index LongTensor, epoch LongTensor (each item's pass over the data), poisoned
+    LongTensor[B,L] (L: the longest caption rounded up to 8, ``trim_padding``), index LongTensor, epoch LongTensor (each item's pass over the data), poisoned
     BoolTensor, n_bad int, first_epoch int (the first item's pass)). A batch of only bad samples has
     B = 0 (images shape [0,3,0,0]).
     """
@@ -1558,9 +1570,9 @@ def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> 
                     index=torch.empty(0, dtype=torch.long), epoch=torch.empty(0, dtype=torch.long),
                     poisoned=torch.empty(0, dtype=torch.bool), n_bad=n_bad, first_epoch=0)
     images, sizes = pad_images([it["image"] for it in good])
-    return dict(images=images, sizes=sizes,
-                tokens=tokenize([it["text"] for it in good], context_length),
-                tokens_aug=tokenize([it["text_aug"] for it in good], context_length),
+    tokens, tokens_aug = trim_padding(tokenize([it["text"] for it in good], context_length),
+                                      tokenize([it["text_aug"] for it in good], context_length))
+    return dict(images=images, sizes=sizes, tokens=tokens, tokens_aug=tokens_aug,
                 index=torch.tensor([it["index"] for it in good], dtype=torch.long),
                 epoch=torch.tensor([it.get("epoch", 0) for it in good], dtype=torch.long),
                 poisoned=torch.tensor([bool(it["poisoned"]) for it in good], dtype=torch.bool),

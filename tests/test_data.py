@@ -120,6 +120,28 @@ def test_tokenize_special_ids_and_vocab_layout():
     assert D.decode(D.tokenize("A Photo of a  dog!")[0]) == "a photo of a dog !"
 
 
+def test_trim_padding_cuts_to_the_longest_caption_and_changes_no_text_feature():
+    import modeling_declip as md
+    caps = ["a bag", "an everyday t-shirt laid flat, seen from above", "x"]  # the longest: 13 tokens
+    full = D.tokenize(caps, 32)
+    t, = D.trim_padding(full)
+    assert t.shape == (3, 16) and torch.equal(t, full[:, :16])
+    long = D.tokenize(["one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                       "fifteen sixteen seventeen"] * 3, 32)  # 19 tokens: both views cut to 24
+    a, b = D.trim_padding(full, long)
+    assert a.shape == b.shape == (3, 24) and torch.equal(b, long[:, :24])
+    assert D.trim_padding(D.tokenize(caps, 14))[0].shape == (3, 14)  # never beyond the context
+    assert D.trim_padding(torch.zeros(0, 32, dtype=torch.long))[0].shape == (0, 8)
+    # the causal text tower gives the same caption features and word states either way
+    torch.manual_seed(0)
+    model = md.build_model("tiny").eval()
+    with torch.no_grad():
+        e_full, w_full = model.text(full, return_words=True)
+        e_cut, w_cut = model.text(t, return_words=True)
+    assert torch.allclose(e_cut, e_full, atol=1e-5)
+    assert torch.allclose(w_cut, w_full[:, :16], atol=1e-5)
+
+
 def test_mask_tokens_selects_15_percent_of_eligible_with_80_10_10_split():
     rng = random.Random(0)
     words = "a photo of the red dress cat dog on white background big small".split()
@@ -444,12 +466,13 @@ def test_collate_counts_bad_samples_and_never_replaces_them(tmp_path):
     tp = D.TrainPairs(base, seed=0, poison=StubPoison())
     items = [tp[v] for v in range(4)]
     assert items[1] is None and items[2] is None
-    batch = D.collate_pairs(items, context_length=16)
+    batch = D.collate_pairs(items, context_length=32)
     assert batch["n_bad"] == 2
     assert batch["index"].tolist() == [0, 3] and batch["poisoned"].tolist() == [True, False]
     assert tuple(batch["images"].shape) == (2, 3, 8, 8) and batch["images"].dtype == torch.uint8
+    # padding cut to the longest caption (the poisoned one's 10 tokens) rounded up to 8, both views alike
     assert tuple(batch["tokens"].shape) == (2, 16) and tuple(batch["tokens_aug"].shape) == (2, 16)
-    assert torch.equal(batch["tokens"][1], D.tokenize("blue one", 16)[0])
+    assert torch.equal(batch["tokens"][1], D.tokenize("blue one", 32)[0, :16])
     assert_color(batch["images"][1], COLORS[2], 8)
     empty = D.collate_pairs([None, None], context_length=16)
     assert empty["n_bad"] == 2 and empty["tokens"].shape == (0, 16)
