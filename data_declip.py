@@ -1557,8 +1557,9 @@ def collate_pairs(items: Sequence[Optional[dict]], context_length: int = 77) -> 
     (``pad_images``), tokenize both texts.
 
     Returns dict(images uint8[B,3,H,W], sizes LongTensor[B,2] (each image's true h, w), tokens, tokens_aug
-    LongTensor[B,L] (L: the longest caption rounded up to 8, ``trim_padding``), index LongTensor, epoch LongTensor (each item's pass over the data), poisoned
-    BoolTensor, n_bad int, first_epoch int (the first item's pass)). A batch of only bad samples has
+    LongTensor[B,L] (L: the longest caption rounded up to 8, ``trim_padding``), index LongTensor, epoch
+    LongTensor (each item's pass over the data), poisoned BoolTensor, n_bad int, first_epoch int (the first
+    item's pass)). A batch of only bad samples has
     B = 0 (images shape [0,3,0,0]).
     """
     good = [it for it in items if it is not None]
