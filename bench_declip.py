@@ -93,7 +93,7 @@ def bench_train(preset, mode, precision, batch, steps, warmup, device, text_len,
     if mode == "clip":
         for head in (model.projector, model.predictor, model.text_label_predictor):
             head.requires_grad_(False)
-    opt = torch.optim.AdamW(md.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), fused=device.type in ("cuda", "cpu"))
+    opt = torch.optim.AdamW(md.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), fused=td.fused_adamw(device))
     fwd = torch.compile(model) if compile_model else model
     images_u8, tokens = _inputs(cfg, batch, device, text_len)
     aug = dd.GpuAugment(cfg.image_size, cfg.image_mean, cfg.image_std)
@@ -170,7 +170,7 @@ def bench_open_clip(precision, batch, steps, warmup, device, text_len):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.98), fused=device.type in ("cuda", "cpu"))
+                            lr=1e-4, betas=(0.9, 0.98), fused=td.fused_adamw(device))
     loss_fn = ClipLoss()
     images_u8, tokens = _inputs(cfg, batch, device, text_len)
     tokens = tokens.clamp(max=49407)

@@ -777,12 +777,18 @@ def build_data(args, cfg, ext, accelerator, train_indices=None, record=None) -> 
     return TrainData(base, train_base, plan, loader, streamed, n, global_batch, steps_per_epoch, total, record)
 
 
+def fused_adamw(device) -> bool:
+    """Whether AdamW takes its fused kernel here: on CUDA and the CPU (6x faster than the per-tensor
+    loop there on the tiny model's 18.8 M parameters)."""
+    return device.type in ("cuda", "cpu")
+
+
 def build_optimizer(args, model, device, main: bool):
     """AdamW over the weight-decay groups, with --init-optimizer's moments when given. The learning
     rate is set from the step before each update (no scheduler object to keep in sync across
     processes, accumulation and resume)."""
     opt = torch.optim.AdamW(md.param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
-                            eps=args.eps, fused=device.type in ("cuda", "cpu"))  # fused: 6x faster on the CPU too
+                            eps=args.eps, fused=fused_adamw(device))
     param_names = optimizer_param_names(model, opt)
     if args.init_optimizer and not args.resume:
         if not args.init_from:
