@@ -296,8 +296,9 @@ def encode(text: str) -> list[int]:
     return list(_bpe().text_cache(text))
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.LongTensor:
-    """[SOT] + BPE ids + [EOT], right-padded with 0; too long -> SOT, first L-2 ids, EOT.
+def tokenize(texts: str | Sequence[str], context_length: int = 77, trim: bool = False) -> torch.LongTensor:
+    """[SOT] + BPE ids + [EOT], right-padded with 0; too long -> SOT, first L-2 ids, EOT. trim: cut the
+    batch to its longest caption (``trim_padding``), as training and evaluation feed the text tower.
 
     Literal special strings such as "<|endoftext|>" in a caption are ordinary text here (a caption can
     never inject a special id), which differs from OpenAI's tokenizer for such captions only.
@@ -313,7 +314,8 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Long
         rows.append(row + pad[len(row):])
     if not rows:
         return torch.zeros(0, context_length, dtype=torch.long)
-    return torch.tensor(rows, dtype=torch.long)
+    tokens = torch.tensor(rows, dtype=torch.long)
+    return trim_padding(tokens)[0] if trim else tokens
 
 
 def trim_padding(*tokens: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, ...]:

@@ -54,8 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_declip import (UserError, atomic_write, build_class_dataset, is_fashion_mnist, read_config, run_main,
-                         trim_padding)
+from data_declip import UserError, atomic_write, build_class_dataset, is_fashion_mnist, read_config, run_main
 from poison_data import MANIFEST_NAME as MANIFEST_FILE
 
 DEFAULT_TRAIN_DIR = "runs/train"  # default --out-dir of train_declip.py
@@ -327,7 +326,7 @@ def class_embeddings(model, classnames, templates="80", device=None, context_len
     lo, hi = _shard_bounds(len(prompts), rank, world) if len(prompts) >= world else (0, len(prompts))
     feats = []
     for s in range(lo, hi, batch_size):
-        tokens = trim_padding(tokenize(prompts[s:min(s + batch_size, hi)], context_length=context_length))[0].to(device)
+        tokens = tokenize(prompts[s:min(s + batch_size, hi)], context_length=context_length, trim=True).to(device)
         with _autocast(device, bf16):
             z = model.encode_text(tokens)
         feats.append(F.normalize(z.float(), dim=-1))
@@ -647,7 +646,7 @@ def retrieval(model, caption_dataset, trigger=None, trigger_params=None, target=
                 continue
             caps += batch["captions"]
             zi.append(_image_features(model, batch["images"], device, image_size, mean, std, None, bf16, crop_pct))
-            tokens = trim_padding(tokenize(batch["captions"], context_length=context_length))[0].to(device)
+            tokens = tokenize(batch["captions"], context_length=context_length, trim=True).to(device)
             with _autocast(device, bf16):
                 zt.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
             if trig is not None:

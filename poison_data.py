@@ -1715,8 +1715,8 @@ def trigger_objective(model, patch, data: TriggerData, objective: TriggerObjecti
     with torch.no_grad():
         for start in range(0, len(data.views), batch_size):
             views = data.views[start:start + batch_size].to(dev).float() / 255
-            tokens = data_declip.trim_padding(data_declip.tokenize(data.captions[start:start + batch_size],
-                                                               cfg.context_length))[0].to(dev)
+            tokens = data_declip.tokenize(data.captions[start:start + batch_size], cfg.context_length,
+                                          trim=True).to(dev)
             rows = torch.arange(start, start + len(views)) % len(pos)
             loss, p = objective(model, patch.to(dev), views, tokens, pos[rows.to(dev)], cfg.image_mean,
                                 cfg.image_std)
@@ -1761,7 +1761,7 @@ def optimize_trigger(model, data: TriggerData, size: int, objective: TriggerObje
             texts = [data.captions[int(i)] for i in rows]
             if rng.random() < eda_prob:
                 texts = [eda(t, rng) for t in texts]
-            tokens = data_declip.trim_padding(data_declip.tokenize(texts, cfg.context_length))[0].to(dev)
+            tokens = data_declip.tokenize(texts, cfg.context_length, trim=True).to(dev)
             pick = torch.randint(len(pos), (len(rows),), generator=g).to(dev)
             loss, _ = objective(model, patch, views, tokens, pos[pick], cfg.image_mean, cfg.image_std)
             opt.zero_grad(set_to_none=True)

@@ -126,6 +126,7 @@ def test_trim_padding_cuts_to_the_longest_caption_and_changes_no_text_feature():
     full = D.tokenize(caps, 32)
     t, = D.trim_padding(full)
     assert t.shape == (3, 16) and torch.equal(t, full[:, :16])
+    assert torch.equal(D.tokenize(caps, 32, trim=True), t)  # what evaluation and BadCLIP's patch feed the tower
     long = D.tokenize(["one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
                        "fifteen sixteen seventeen"] * 3, 32)  # 19 tokens: both views cut to 24
     a, b = D.trim_padding(full, long)
