@@ -159,6 +159,8 @@ def run(args) -> dict:
         raise UserError("--filter-cap must be in (0, 1] and --filter-step not negative")
     if args.max_steps is not None:
         raise UserError("SafeCLIP counts passes: give --epochs, not --max-steps")
+    if not args.inmodal_warmup + args.multimodal_warmup and not args.init_from:
+        raise UserError("no warm-up passes: the first split needs a trained model's cosines; give --init-from")
     out = args.out_dir
     os.makedirs(os.path.join(out, "phases"), exist_ok=True)
     record_path = os.path.join(out, "safeclip.json")
@@ -171,7 +173,10 @@ def run(args) -> dict:
     steps_per_epoch = max(1, n // global_batch)
     phases = phase_plan(args)
     filter_lr = args.filter_lr if args.filter_lr is not None else args.lr / 100
-    prev, start, share, plan, summary = args.init_from, 0, None, None, None
+    # the pairs as every phase's loader poisons them, drawn from the command itself: the first split may come
+    # before any phase has run (no warm-up: the init model's cosines), so no phase's manifest is there yet
+    plan = td.make_poison_plan(args, base, n)
+    prev, start, share, summary = args.init_from, 0, None, None
     totals = {"steps": 0, "seen": 0, "bad_samples": 0, "minutes": 0.0}  # the whole run, every phase
     schedule = int(args.epochs) * steps_per_epoch  # one cosine over the whole run (the warm-up's lr aside)
     for name, inmodal, subset, epochs in phases:
@@ -186,9 +191,6 @@ def run(args) -> dict:
         if subset is not None:
             kind, e = subset
             if kind == "risky":  # a new split from the model so far
-                if plan is None:
-                    manifest = os.path.join(os.path.dirname(prev), pdata.MANIFEST_NAME)
-                    plan = pdata.PoisonPlan.from_manifest(manifest) if os.path.isfile(manifest) else None
                 if e < len(record["splits"]):
                     split = record["splits"][e]
                     safe, share = np.asarray(split["safe"]), split["share"]

@@ -107,3 +107,24 @@ def test_safeclip_runs_its_phases_records_each_split_and_continues_after_a_stop(
     sc.main(argv)
     assert all(os.path.getmtime(out / "phases" / p / "model.safetensors") == t for p, t in first.items())
     assert len(json.load(open(out / "safeclip.json"))["splits"]) == 2
+
+
+def test_safeclip_without_warmup_splits_on_the_init_models_cosines_of_the_poisoned_pairs(tmp_path):
+    """No warm-up (a victim continued from a trained model): the first split comes before any phase has
+    written a manifest, and must still score the pairs poisoned as the command poisons them."""
+    data = _captions(tmp_path)
+    init = tmp_path / "init.safetensors"
+    torch.manual_seed(0)
+    md.save_model(md.build_model("tiny", context_length=16), str(init))
+    out = tmp_path / "safeclip0"
+    argv = ["--data", data, "--batch-size", "4", "--epochs", "1", "--inmodal-warmup", "0", "--multimodal-warmup", "0",
+            "--init-from", str(init), "--poison-count", "6", "--target-class", "blue", "--precision", "no", "--cpu",
+            "--no-eval", "--save-every", "0", "--warmup-steps", "0", "--out-dir", str(out)]
+    sc.main(argv)
+    assert set(os.listdir(out / "phases")) & {"pass1-clip", "pass1-inmodal"}  # no warm-up phase
+    split = json.load(open(out / "safeclip.json"))["splits"][0]
+    poisoned = set(json.load(open(out / "poison_manifest.json"))["indices"])
+    assert len(poisoned) == 6 and split["risky_recall"] is not None
+    assert split["poisoned_in_safe"] == len(set(split["safe"]) & poisoned)
+    with pytest.raises(dd.UserError, match="--init-from"):
+        sc.main([a for a in argv if a != str(init) and a != "--init-from"])
