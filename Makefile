@@ -113,12 +113,17 @@ $(D)/detect/flagged.txt: $(D)/victim/model.safetensors
 $(D)/detect-clean/model.safetensors: $(D)/detect/flagged.txt
 	$(ACCEL) train_declip.py $(VICTIM_CMD) --exclude-indices $(D)/detect/flagged.txt --out-dir $(D)/detect-clean
 
+# RoCLIP at its official lr (5e-5) with the pool on every pass: on the holdout (victim 85.5 % CA, 99.5 % ASR)
+# 83.7 % CA, 0.4 % ASR; the official every-other-pass rule at the victim's 1e-3 69.8 / 8.7 (its plain pass plants
+# the backdoor), every pass at 1e-3 49.7 / 0.5, at 2e-4 81.1 / 0.4
 $(D)/roclip/model.safetensors: $(D)/clean/model.safetensors
-	$(ACCEL) defend_roclip.py $(VICTIM_CMD) --out-dir $(D)/roclip
+	$(ACCEL) defend_roclip.py $(VICTIM_CMD) --break-epoch 1 --lr 5e-5 --out-dir $(D)/roclip
 
-# SafeCLIP's passes: 1 in-modal and 1 CLIP warm-up pass (officially 5 and 1), then 2 filtering passes
+# SafeCLIP: the victim continues a trained clean model, so its cosines split the pairs from the start; no
+# warm-up (officially 5 in-modal and 1 CLIP pass, for training from scratch), 2 filtering passes. Holdout:
+# 83.3 % CA, 1.0 % ASR (victim 85.5 / 99.5). With 1 + 1 warm-up (d66e12d, seed 0) the first split had no safe pair
 $(D)/safeclip/model.safetensors: $(D)/clean/model.safetensors
-	$(ACCEL) defend_safeclip.py $(VICTIM_CMD) --epochs 4 --inmodal-warmup 1 --multimodal-warmup 1 --out-dir $(D)/safeclip
+	$(ACCEL) defend_safeclip.py $(VICTIM_CMD) --epochs 2 --inmodal-warmup 0 --multimodal-warmup 0 --out-dir $(D)/safeclip
 
 $(D)/par/model.safetensors: $(D)/victim/model.safetensors
 	$(ACCEL) defend_finetune.py --method par --config configs/tiny_defense.yaml --ckpt $(D)/victim --seed $(SEED) \
