@@ -86,7 +86,7 @@ def bench_train(preset, mode, precision, batch, steps, warmup, device, text_len,
     torch.manual_seed(0)
     model = md.build_model(preset).to(device).train()
     cfg = model.config
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    channels_last = True if channels_last is None else channels_last  # train_declip's default
     if channels_last and cfg.vision == "resnet":
         model = model.to(memory_format=torch.channels_last)
     weights = md.LossWeights() if mode == "declip" else md.LossWeights.clip_only()

@@ -115,7 +115,9 @@ def add_run_args(p: argparse.ArgumentParser, out: str = DEFAULT_OUT):
     g.add_argument("--seed", type=int, default=0, help="seed for the poison set, data order, augmentation, EDA, init")
     g.add_argument("--resume", action="store_true", help="continue the stopped run in --out-dir exactly")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out-dir")
-    g.add_argument("--precision", choices=("no", "bf16", "fp16"), default="bf16", help="mixed precision")
+    g.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                   help="mixed precision; auto: bf16 on a GPU and on a CPU that computes bf16 natively "
+                        "(avx512_bf16 / amx_bf16), else no (fp32); config.json records the one used")
     g.add_argument("--log-every", type=int, default=20, help="log to metrics.jsonl every N steps")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint state/ every N steps (0 = only at the end)")
     g.add_argument("--eval-every", type=int, default=0, help="zero-shot evaluation every N steps (0 = at the end only)")
@@ -132,8 +134,9 @@ def add_run_args(p: argparse.ArgumentParser, out: str = DEFAULT_OUT):
                    help="also log every metrics row to a tracker (needs `pip install tensorboard` or `wandb`); "
                         "TensorBoard files go under OUT/<run name>/")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format for the ResNet (default: on with CUDA)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format for the ResNet (default: on; on the CPU too, where oneDNN's "
+                        "convolutions run faster in it: tiny DeCLIP step +7 %% fp32, +10 %% bf16)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
 
 
@@ -665,13 +668,24 @@ def check_tracker_installed(args):
         raise UserError(f"--report-to {args.report_to}: the package is not installed; pip install {packages[0]}")
 
 
+def resolve_precision(precision: str, cpu: bool) -> str:
+    """--precision auto: bf16 on a GPU and on a CPU with native bf16 (the tiny demo step is 1.2x faster there
+    than in fp32), else 'no' (fp32; emulated bf16 would be ~25x slower). Other values are kept."""
+    if precision != "auto":
+        return precision
+    return "bf16" if not cpu or cpu_has_native_bf16() else "no"
+
+
 def make_accelerator(args):
-    """The run's Accelerator, seeded. Several train() calls may share a process (a defense's teacher,
-    SafeCLIP's phases) as Accelerate allows: with the same --precision, any accumulation."""
+    """The run's Accelerator, seeded; args.precision becomes the precision used (--precision auto resolved).
+    Several train() calls may share a process (a defense's teacher, SafeCLIP's phases) as Accelerate allows:
+    with the same --precision, any accumulation."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    accelerator = Accelerator(cpu=use_cpu(args.cpu), mixed_precision=args.precision,
+    cpu = use_cpu(args.cpu)
+    args.precision = resolve_precision(args.precision, cpu or not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision=args.precision,
                               gradient_accumulation_steps=args.grad_accum, log_with=args.report_to,
                               project_dir=args.out_dir,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
@@ -1050,8 +1064,7 @@ def train(args: argparse.Namespace, extension: Optional[Extension] = None,
     cfg = model.config
     data = build_data(args, cfg, ext, accelerator, train_indices, record)
     trigger = data.plan.trigger_fn() if data.plan is not None else None
-    channels_last = (args.channels_last if args.channels_last is not None else device.type == "cuda") \
-        and cfg.vision == "resnet"
+    channels_last = bool(args.channels_last) and cfg.vision == "resnet"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt, param_names = build_optimizer(args, model, device, main)

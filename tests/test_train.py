@@ -525,6 +525,22 @@ def test_cpu_bf16_support_is_read_from_the_cpu_flags(tmp_path):
     assert td.cpu_has_native_bf16(str(amx)) and td.cpu_has_native_bf16(str(tmp_path / "missing"))
 
 
+
+@needs_fmnist
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_takes_bf16_only_where_the_cpu_computes_it_and_the_run_records_which(tmp_path, monkeypatch,
+                                                                                            native):
+    monkeypatch.setattr(td, "cpu_has_native_bf16", lambda *a: native)
+    assert td.resolve_precision("auto", cpu=False) == "bf16"  # a GPU
+    assert td.resolve_precision("auto", cpu=True) == ("bf16" if native else "no")
+    assert td.resolve_precision("no", cpu=False) == "no" and td.resolve_precision("bf16", cpu=True) == "bf16"
+    seen = []
+    make = td.make_accelerator
+    monkeypatch.setattr(td, "make_accelerator", lambda args: seen.append(make(args)) or seen[-1])
+    td.train(_args(tmp_path / "run", "--max-steps", "1", "--cpu", "--precision", "auto"))
+    assert seen[0].mixed_precision == ("bf16" if native else "no")
+    assert json.load(open(tmp_path / "run" / "config.json"))["precision"] == ("bf16" if native else "no")
+
 # ----------------------------------------------------------------------------------------------
 # targeted poisoning (Carlini & Terzis, arXiv 2106.09667): the chosen test images, no trigger
 
