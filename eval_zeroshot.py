@@ -606,6 +606,72 @@ def evaluate(model, data, classnames, templates="80", trigger=None, trigger_para
     return out
 
 
+EVAL_CACHE_DIR = "eval_cache"
+
+
+def files_stamp(path) -> list:
+    """(path, size, mtime) of a file, of every file under a directory or matching a glob pattern; a changed,
+    added or removed file changes it. None: the embedded Fashion-MNIST's directory."""
+    import glob
+
+    from data_declip import fashion_mnist_dir
+
+    path = fashion_mnist_dir() if path is None or is_fashion_mnist(path) else path
+    if os.path.isdir(path):
+        files = [os.path.join(d, name) for d, _, names in os.walk(path) for name in names]
+    else:
+        files = [f for f in glob.glob(path) if os.path.isfile(f)]
+    return sorted([f, st.st_size, st.st_mtime_ns] for f, st in ((f, os.stat(f)) for f in files))
+
+
+def evaluation_key(weights, data, root=None, classnames_file=None, **settings) -> str:
+    """What an evaluation's numbers depend on, hashed: the weights' bytes, the test set (its data path, None =
+    Fashion-MNIST, its root and its class-names file: the names, sizes and times of their files), the settings (templates, trigger and target or the targeted plan's images, precision, crop, seed,
+    a holdout's flags) and the code that evaluates, so a changed evaluation is never served from an old
+    result. Trigger parameters get their defaults filled in, so training and eval_zeroshot.py reach one key."""
+    import hashlib
+
+    import data_declip
+    import modeling_declip
+    import poison_data
+    from data_declip import file_sha256
+
+    if settings.get("trigger") is not None:
+        settings["trigger_params"] = make_trigger(settings["trigger"], settings.get("trigger_params")).params
+    h = hashlib.sha256(file_sha256(weights).encode())
+    files = [files_stamp(data)] + [files_stamp(p) if p else None for p in (root, classnames_file)]
+    h.update(json.dumps({"files": files, "settings": settings}, sort_keys=True, default=str).encode())
+    for module in (sys.modules[__name__], data_declip, modeling_declip, poison_data):
+        with open(module.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:32]
+
+
+def cached_evaluation(weights, key: str, evaluate, accelerator, what: str = "evaluation") -> dict:
+    """evaluate(), or the result an earlier evaluation of the same key saved beside the weights
+    (EVAL_CACHE_DIR): each defense of a victim evaluates the same victim "before", and a report reads the
+    victim's and each defense's evaluation from their runs. Every process evaluates unless every process
+    found the result, so a launch never splits."""
+    path = os.path.join(os.path.dirname(os.path.abspath(weights)), EVAL_CACHE_DIR, key + ".json")
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        found = None
+    hit = torch.tensor([int(found is not None)], device=accelerator.device if accelerator is not None else "cpu")
+    if int((accelerator.gather(hit) if accelerator is not None else hit).min()):
+        if _is_main(accelerator):
+            print(f"{what}: {path} (same weights, test set, settings and code)", file=sys.stderr)
+        return found
+    res = evaluate()
+    if _is_main(accelerator):
+        try:
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(res, indent=2)))
+        except OSError as e:  # a read-only run directory: the next reader evaluates again
+            print(f"note: {what} is not cached ({e})", file=sys.stderr)
+    return res
+
+
 def _recall_grouped(sims, row_group, col_group, ks):
     """Percent of rows whose top-k columns contain a column of the row's group, for each k."""
     kmax = min(max(ks), sims.shape[1])
@@ -1659,10 +1725,16 @@ def run(args) -> dict:
         class_emb = class_embeddings(model, classnames, templates, device=accelerator.device,
                                      batch_size=args.batch_size, accelerator=accelerator, bf16=args.eval_bf16)
         pairs = targeted_pairs(chosen[0], dataset, classnames, chosen[1]) if chosen else None  # images checked
-        m = evaluate(model, dataset, classnames, templates, trigger=trig, trigger_params=params, target=target,
-                     accelerator=accelerator, bf16=args.eval_bf16, batch_size=args.batch_size,
-                     num_workers=args.workers, class_emb=class_emb, crop_pct=crop_pct, seed=args.seed,
-                     targeted=pairs)
+        settings = dict(templates=templates, bf16=args.eval_bf16, crop_pct=crop_pct, seed=args.seed)
+        settings.update(targeted=chosen[0]) if chosen else settings.update(trigger=trig, trigger_params=params,
+                                                                           target=target)
+        # a defense's run evaluated its weights (and its victim's) the same way: read, not recomputed
+        m = cached_evaluation(
+            wpath, evaluation_key(wpath, args.data, args.data_root, classnames_arg, **settings),
+            lambda: evaluate(model, dataset, classnames, templates, trigger=trig, trigger_params=params, target=target,
+                             accelerator=accelerator, bf16=args.eval_bf16, batch_size=args.batch_size,
+                             num_workers=args.workers, class_emb=class_emb, crop_pct=crop_pct, seed=args.seed,
+                             targeted=pairs), accelerator, f"[eval] {name}")
         m = {"ckpt": str(wpath), "dataset": args.data or "fashion-mnist", "templates": len(templates),
              "clean": m["clean"], "backdoor": m["backdoor"], "retrieval": None,
              **({"targeted": m["targeted"]} if pairs else {})}

@@ -468,7 +468,7 @@ def prepare_run_dir(args):
         raise UserError(f"--out-dir {out} already holds {what}; pass --overwrite to replace it")
     if args.overwrite and os.path.isdir(out):
         for name in ("state", "state.old", "state.tmp", "model.safetensors", "metrics.jsonl",
-                     "config.json", "poison_manifest.json", "eval.json", "summary.json", EVAL_CACHE_DIR):
+                     "config.json", "poison_manifest.json", "eval.json", "summary.json", ez.EVAL_CACHE_DIR):
             path = os.path.join(out, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -609,6 +609,22 @@ class EvalHook:
             ez.make_trigger(kw["trigger"], kw["trigger_params"])
             ez.resolve_target(kw["target"], classnames)
         ez.get_templates(self.args.templates)
+
+    def key(self, weights: str) -> str:
+        """eval_zeroshot.evaluation_key of evaluating this weights file, loaded from disk, here: the key
+        eval_zeroshot.py's report computes for the same weights, test set, trigger and target."""
+        a, plan = self.args, self.plan
+        test = (a.data, a.data_root) if a.holdout else (a.eval_data, a.eval_data_root)
+        settings = dict(templates=ez.get_templates(a.templates), bf16=a.eval_bf16,
+                        crop_pct=ez.default_crop_pct(test[0]), seed=0)
+        if plan is not None and getattr(plan, "attack", "backdoor") == "targeted":
+            settings["targeted"] = plan.targeted
+        elif plan is not None:
+            settings.update(trigger=plan.trigger, trigger_params=plan.trigger_params, target=plan.target)
+        if a.holdout:  # the last pairs of the training data, decoded with its format flags
+            settings["holdout"] = {k: getattr(a, k, None) for k in ("holdout", "image_column", "caption_column",
+                                                                     "csv_separator")}
+        return ez.evaluation_key(weights, *test, **settings)
 
     def __call__(self, model, accelerator=None) -> dict:
         dataset, classnames, crop = self.test_set(model.config.image_size)
@@ -1018,9 +1034,12 @@ def finish_run(args, accelerator, model, raw, run: RunState, ext: Extension, pla
                 meta["poison"]["targeted"] = [{k: v for k, v in e.items() if k != "indices"}
                                               for e in meta["poison"]["targeted"]]
         md.save_model(raw, os.path.join(args.out_dir, "model.safetensors"), metadata=meta, state_dict=full_weights)
-    if not args.no_eval:
-        raw.eval()
-        res = evaluator(raw, accelerator)
+    if not args.no_eval:  # the saved file, as eval_zeroshot.py and a defense of this run evaluate it (cached)
+        path = os.path.join(args.out_dir, "model.safetensors")
+        accelerator.wait_for_everyone()  # the main process has written it
+        res = ez.cached_evaluation(path, evaluator.key(path),
+                                   lambda: evaluator(md.load_model(path, accelerator.device), accelerator),
+                                   accelerator, "the evaluation")
         summary["eval"] = res
         book.log({"step": run.step, "eval": res})
         if main:
@@ -1210,67 +1229,6 @@ def clean_subset(n: int, fraction: float, poisoned: Sequence[int], seed: int) ->
     return sorted(pool[torch.randperm(len(pool), generator=g)[:min(k, len(pool))]].tolist())
 
 
-EVAL_CACHE_DIR = "eval_cache"
-
-
-def files_stamp(path: Optional[str]) -> list:
-    """(relative path, size, mtime) of a file, of every file under a directory or matching a glob
-    pattern; a changed, added or removed file changes it. None: the embedded Fashion-MNIST's directory."""
-    import glob
-
-    path = dd.fashion_mnist_dir() if path is None or dd.is_fashion_mnist(path) else path
-    if os.path.isdir(path):
-        files = [os.path.join(d, name) for d, _, names in os.walk(path) for name in names]
-    else:
-        files = [f for f in glob.glob(path) if os.path.isfile(f)]
-    return sorted([f, st.st_size, st.st_mtime_ns] for f, st in ((f, os.stat(f)) for f in files))
-
-
-def evaluation_key(weights: str, eval_args, plan) -> str:
-    """What an evaluation's numbers depend on, hashed: the weights' bytes, the test set's files and its
-    preprocessing flags, the templates, the precision, the trigger and target, and the code that
-    evaluates (a changed evaluation is never served from an old result)."""
-    import hashlib
-
-    h = hashlib.sha256(dd.file_sha256(weights).encode())
-    flags = ("data", "data_root", "image_column", "caption_column", "csv_separator", "holdout", "eval_data",
-             "eval_data_root", "templates", "eval_bf16")
-    test_data = eval_args.data if eval_args.holdout else eval_args.eval_data
-    test_root = eval_args.data_root if eval_args.holdout else eval_args.eval_data_root
-    h.update(json.dumps({"flags": {k: getattr(eval_args, k, None) for k in flags},
-                         "plan": vars(plan) if plan is not None else None,
-                         "files": [files_stamp(test_data), files_stamp(test_root) if test_root else None]},
-                        sort_keys=True, default=str).encode())
-    for module in (ez, dd, md, pdata):
-        with open(module.__file__, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:32]
-
-
-def cached_evaluation(weights: str, key: str, evaluate: Callable[[], dict], accelerator) -> dict:
-    """evaluate(), or the result an earlier run saved for the same key in the weights' directory
-    (EVAL_CACHE_DIR): each defense of a victim evaluates the same victim "before". Every process
-    evaluates unless every process found the result, so a launch never splits."""
-    path = os.path.join(os.path.dirname(os.path.abspath(weights)), EVAL_CACHE_DIR, key + ".json")
-    try:
-        with open(path) as f:
-            found = json.load(f)
-    except (OSError, ValueError):
-        found = None
-    hit = torch.tensor([int(found is not None)], device=accelerator.device)
-    if int(accelerator.gather(hit).min()):
-        if accelerator.is_main_process:
-            print(f"the victim's evaluation: {path} (same weights, test set and code)")
-        return found
-    res = evaluate()
-    if accelerator.is_main_process:
-        try:
-            dd.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(res, indent=2)))
-        except OSError as e:  # a read-only victim directory: the next defense evaluates again
-            print(f"note: the victim's evaluation is not cached ({e})")
-    return res
-
-
 def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> dict:
     """Evaluate the victim, train it with the defense's extension on the clean set, evaluate again and
     print one line with clean accuracy and ASR before and after.
@@ -1312,23 +1270,26 @@ def run_defense(args: argparse.Namespace, extension: Extension, before=None) -> 
                                 "plan": vars(eval_plan) if eval_plan is not None else None}
     run = {"accelerator": None, "before": before if before else None}
 
-    def evaluate(path, accelerator):
-        model = md.load_model(path, accelerator.device if accelerator is not None else "cpu",
-                              activation=getattr(args, "activation", None))
-        res = evaluator(model, accelerator)
-        del model
-        return res
+    def evaluate(path, accelerator, what):
+        """The weights' evaluation, cached beside them (a later defense of the victim, and a report over
+        the runs, read it)."""
+        def compute():
+            model = md.load_model(path, accelerator.device if accelerator is not None else "cpu",
+                                  activation=getattr(args, "activation", None))
+            return evaluator(model, accelerator)
+
+        return ez.cached_evaluation(path, evaluator.key(path), compute, accelerator, what)
 
     def before_loop(accelerator):
         run["accelerator"] = accelerator
         if evaluator is not None and before is None:
-            run["before"] = cached_evaluation(weights, evaluation_key(weights, eval_args, eval_plan),
-                                              lambda: evaluate(weights, accelerator), accelerator)
+            run["before"] = evaluate(weights, accelerator, "the victim's evaluation")
 
     summary = train(argparse.Namespace(**{**vars(args), **train_args}), extension, train_indices=indices,
                     record=record, before_loop=before_loop)
     acc = run["accelerator"]
-    after = evaluate(os.path.join(args.out_dir, "model.safetensors"), acc) if evaluator is not None else None
+    after = evaluate(os.path.join(args.out_dir, "model.safetensors"), acc, "the evaluation") \
+        if evaluator is not None else None
     before = run["before"]
     summary.update(before=before, after=after, minutes=round((time.time() - t0) / 60, 2))
     if (acc.is_main_process if acc is not None else dd.is_main_env()):

@@ -80,7 +80,7 @@ def eval_mode_inputs(monkeypatch):
 
 def test_defense_after_equals_eval_zeroshot_json_on_non_square_photos(victim, photos, tmp_path, eval_mode_inputs):
     out = tmp_path / "ft"
-    shutil.rmtree(victim / td.EVAL_CACHE_DIR, ignore_errors=True)  # the victim's "before" is evaluated here
+    shutil.rmtree(victim / ez.EVAL_CACHE_DIR, ignore_errors=True)  # the victim's "before" is evaluated here
     # bf16 training: the evaluation stays fp32 (the precision rule), as eval_zeroshot.py's default
     summary = dft.main(defense_argv(victim, out, "--precision", "bf16"))
     defense_inputs = list(eval_mode_inputs)
@@ -90,9 +90,14 @@ def test_defense_after_equals_eval_zeroshot_json_on_non_square_photos(victim, ph
     cfg = json.load(open(out / "config.json"))
     assert cfg["from_victim_config"]["eval_data"] == photos and cfg["eval_data"] == photos
 
+    ez_argv = ["--ckpt", str(out), "--data", photos, "--templates", "1", "--manifest",
+               str(victim / "poison_manifest.json"), "--json", str(tmp_path / "m.json"), "--cpu"]
     del eval_mode_inputs[:]
-    assert run_main(ez.main, ["--ckpt", str(out), "--data", photos, "--templates", "1", "--manifest",
-                    str(victim / "poison_manifest.json"), "--json", str(tmp_path / "m.json"), "--cpu"]) == 0
+    assert run_main(ez.main, ez_argv) == 0  # the defense's evaluation, cached beside its weights: read
+    assert eval_mode_inputs == [] and len(list((out / ez.EVAL_CACHE_DIR).iterdir())) == 1
+    assert json.load(open(tmp_path / "m.json"))["backdoor"] == result["after"]["backdoor"]
+    shutil.rmtree(out / ez.EVAL_CACHE_DIR)
+    assert run_main(ez.main, ez_argv) == 0  # evaluated anew
     m = json.load(open(tmp_path / "m.json"))
     assert m["clean"] == result["after"]["clean"] and m["backdoor"] == result["after"]["backdoor"]
     assert m["backdoor"]["target"] == "bag" and m["backdoor"]["trigger"] == "patch"
@@ -210,7 +215,7 @@ TWO_PROC = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_processes_each_evaluate_their_share_and_agree_with_eval_zeroshot(victim, photos, tmp_path):
     out = tmp_path / "ft2"
-    shutil.rmtree(victim / td.EVAL_CACHE_DIR, ignore_errors=True)  # both evaluations run, each process its share
+    shutil.rmtree(victim / ez.EVAL_CACHE_DIR, ignore_errors=True)  # both evaluations run, each process its share
     script = tmp_path / "two.py"
     script.write_text(TWO_PROC.format(root=ROOT, argv=defense_argv(victim, out, "--precision", "no"),
                                       out=str(tmp_path)))
@@ -228,6 +233,7 @@ def test_two_processes_each_evaluate_their_share_and_agree_with_eval_zeroshot(vi
     assert [json.load(open(tmp_path / f"rows{r}.json")) for r in (0, 1)] == [24, 24]
     result = json.load(open(out / "eval.json"))
     assert result["after"]["clean"]["n"] == result["before"]["clean"]["n"] == 12
+    shutil.rmtree(out / ez.EVAL_CACHE_DIR)  # eval_zeroshot.py evaluates anew
     assert run_main(ez.main, ["--ckpt", str(out), "--data", photos, "--templates", "1", "--manifest",
                     str(victim / "poison_manifest.json"), "--json", str(tmp_path / "m.json"), "--cpu"]) == 0
     m = json.load(open(tmp_path / "m.json"))
@@ -248,7 +254,7 @@ def test_run_defense_leaves_the_callers_flags_as_they_were(victim, tmp_path):
 def test_the_victims_evaluation_runs_once_for_all_its_defenses(victim, photos, tmp_path, monkeypatch):
     """Every defense of a victim evaluates the same victim "before": a later defense reads the earlier one's
     result; other templates, a touched test image or other weights evaluate again."""
-    shutil.rmtree(victim / td.EVAL_CACHE_DIR, ignore_errors=True)
+    shutil.rmtree(victim / ez.EVAL_CACHE_DIR, ignore_errors=True)
     calls = []
     evaluate = td.EvalHook.__call__
     monkeypatch.setattr(td.EvalHook, "__call__",
@@ -266,3 +272,31 @@ def test_the_victims_evaluation_runs_once_for_all_its_defenses(victim, photos, t
     assert len(calls) == 7 and third["before"] == first["before"]  # evaluated again: same numbers
     dft.main(defense_argv(tmp_path / "ft", tmp_path / "of-ft", "--precision", "no"))  # another victim
     assert len(calls) == 9
+
+
+def test_a_victims_own_evaluation_is_its_defenses_before_and_a_reports_row(photos, tmp_path, monkeypatch):
+    """Training evaluates its saved weights file as eval_zeroshot.py does and caches the result beside it: the
+    first defense reads it as its "before", and a report over victim and defense evaluates neither again.
+    Without the caches eval_zeroshot.py computes the same numbers."""
+    vic = tmp_path / "victim"
+    td.train(td.parse_args(td.build_parser(), SMALL + [
+        "--batch-size", "32", "--max-steps", "2", "--poison-rate", "0.05", "--precision", "no",
+        "--eval-data", photos, "--out-dir", str(vic)]))
+    trained = json.load(open(vic / "eval.json"))
+    assert trained["backdoor"]["target"] == "bag" and trained["clean"]["n"] == 12
+    calls = []
+    evaluate = ez.evaluate
+    monkeypatch.setattr(ez, "evaluate", lambda *a, **kw: calls.append(1) or evaluate(*a, **kw))
+    summary = dft.main(defense_argv(vic, tmp_path / "ft", "--precision", "no"))
+    assert len(calls) == 1 and summary["before"] == trained  # the "after" alone was computed
+    argv = ["--ckpt", str(vic), str(tmp_path / "ft"), "--names", "victim", "ft", "--templates", "1", "--json",
+            str(tmp_path / "m.json"), "--cpu"]
+    assert run_main(ez.main, argv) == 0 and len(calls) == 1
+    cached = json.load(open(tmp_path / "m.json"))
+    assert cached["victim"]["backdoor"] == trained["backdoor"] and cached["ft"]["clean"] == summary["after"]["clean"]
+    for run in ("victim", "ft"):
+        shutil.rmtree(tmp_path / run / ez.EVAL_CACHE_DIR)
+    assert run_main(ez.main, argv) == 0 and len(calls) == 3  # both evaluated anew: the same numbers
+    fresh = json.load(open(tmp_path / "m.json"))
+    for run in ("victim", "ft"):
+        assert {k: fresh[run][k] for k in ("clean", "backdoor")} == {k: cached[run][k] for k in ("clean", "backdoor")}
