@@ -113,15 +113,17 @@ $(D)/detect/flagged.txt: $(D)/victim/model.safetensors
 $(D)/detect-clean/model.safetensors: $(D)/detect/flagged.txt
 	$(ACCEL) train_declip.py $(VICTIM_CMD) --exclude-indices $(D)/detect/flagged.txt --out-dir $(D)/detect-clean
 
-# RoCLIP at its official lr (5e-5) with the pool on every pass: on the holdout (victim 85.5 % CA, 99.5 % ASR)
-# 83.7 % CA, 0.4 % ASR; the official every-other-pass rule at the victim's 1e-3 69.8 / 8.7 (its plain pass plants
-# the backdoor), every pass at 1e-3 49.7 / 0.5, at 2e-4 81.1 / 0.4
+# RoCLIP at its official lr (5e-5) with the pool on every pass: on the holdout (victim 87.2 % CA, 99.96 % ASR)
+# 82.7 % CA, 0.4 % ASR in 1.4 min. With the previous victim recipe (2 epochs at 1e-3; victim 85.5 / 99.5): 83.7 / 0.4;
+# the official every-other-pass rule at the victim's lr 69.8 / 8.7 (its plain pass plants the backdoor), every pass
+# at 1e-3 49.7 / 0.5, at 2e-4 81.1 / 0.4
 $(D)/roclip/model.safetensors: $(D)/clean/model.safetensors
 	$(ACCEL) defend_roclip.py $(VICTIM_CMD) --break-epoch 1 --lr 5e-5 --out-dir $(D)/roclip
 
 # SafeCLIP: the victim continues a trained clean model, so its cosines split the pairs from the start; no
-# warm-up (officially 5 in-modal and 1 CLIP pass, for training from scratch), 2 filtering passes. Holdout:
-# 83.3 % CA, 1.0 % ASR (victim 85.5 / 99.5). With 1 + 1 warm-up (d66e12d, seed 0) the first split had no safe pair
+# warm-up (officially 5 in-modal and 1 CLIP pass, for training from scratch), 2 filtering passes. Holdout: 81.9 %
+# CA, 0.7 % ASR in 3.3 min (68 % of the pairs safe, 45 and 49 of the 550 poisoned among them); with the previous
+# victim recipe 83.3 / 1.0. With 1 + 1 warm-up (d66e12d, seed 0) the first split had no safe pair
 $(D)/safeclip/model.safetensors: $(D)/clean/model.safetensors
 	$(ACCEL) defend_safeclip.py $(VICTIM_CMD) --epochs 2 --inmodal-warmup 0 --multimodal-warmup 0 --out-dir $(D)/safeclip
 
