@@ -47,6 +47,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -626,9 +627,10 @@ def files_stamp(path) -> list:
 
 def evaluation_key(weights, data, root=None, classnames_file=None, **settings) -> str:
     """What an evaluation's numbers depend on, hashed: the weights' bytes, the test set (its data path, None =
-    Fashion-MNIST, its root and its class-names file: the names, sizes and times of their files), the settings (templates, trigger and target or the targeted plan's images, precision, crop, seed,
-    a holdout's flags) and the code that evaluates, so a changed evaluation is never served from an old
-    result. Trigger parameters get their defaults filled in, so training and eval_zeroshot.py reach one key."""
+    Fashion-MNIST, its root and its class-names file: the names, sizes and times of their files), the settings
+    (templates, trigger and target or the targeted plan's images, precision, crop, seed, a holdout's flags)
+    and the code that evaluates, so a changed evaluation is never served from an old result. Trigger
+    parameters get their defaults filled in, so training and eval_zeroshot.py reach one key."""
     import hashlib
 
     import data_declip
@@ -1726,15 +1728,17 @@ def run(args) -> dict:
                                      batch_size=args.batch_size, accelerator=accelerator, bf16=args.eval_bf16)
         pairs = targeted_pairs(chosen[0], dataset, classnames, chosen[1]) if chosen else None  # images checked
         settings = dict(templates=templates, bf16=args.eval_bf16, crop_pct=crop_pct, seed=args.seed)
-        settings.update(targeted=chosen[0]) if chosen else settings.update(trigger=trig, trigger_params=params,
-                                                                           target=target)
-        # a defense's run evaluated its weights (and its victim's) the same way: read, not recomputed
-        m = cached_evaluation(
-            wpath, evaluation_key(wpath, args.data, args.data_root, classnames_arg, **settings),
-            lambda: evaluate(model, dataset, classnames, templates, trigger=trig, trigger_params=params, target=target,
-                             accelerator=accelerator, bf16=args.eval_bf16, batch_size=args.batch_size,
-                             num_workers=args.workers, class_emb=class_emb, crop_pct=crop_pct, seed=args.seed,
-                             targeted=pairs), accelerator, f"[eval] {name}")
+        if chosen:
+            settings["targeted"] = chosen[0]
+        else:
+            settings.update(trigger=trig, trigger_params=params, target=target)
+        compute = partial(evaluate, model, dataset, classnames, templates, trigger=trig, trigger_params=params,
+                          target=target, accelerator=accelerator, bf16=args.eval_bf16, batch_size=args.batch_size,
+                          num_workers=args.workers, class_emb=class_emb, crop_pct=crop_pct, seed=args.seed,
+                          targeted=pairs)
+        # a run that evaluated these weights the same way (a training run, a defense) saved it: read it
+        m = cached_evaluation(wpath, evaluation_key(wpath, args.data, args.data_root, classnames_arg, **settings),
+                              compute, accelerator, f"[eval] {name}")
         m = {"ckpt": str(wpath), "dataset": args.data or "fashion-mnist", "templates": len(templates),
              "clean": m["clean"], "backdoor": m["backdoor"], "retrieval": None,
              **({"targeted": m["targeted"]} if pairs else {})}
