@@ -662,7 +662,8 @@ def t_interval(values) -> dict:
 
 
 def paired_test(a: list, b: list) -> dict:
-    """Two-sided paired t-test (scipy.stats.ttest_rel) of two defenses' per-seed ASR; n < 3: not testable."""
+    """Two-sided paired t-test (scipy.stats.ttest_rel) of two per-seed series (e.g. two defenses' ASR over the
+    same seeds, in the same order); n < 3: not testable."""
     from scipy import stats
 
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
@@ -724,6 +725,8 @@ def study_tables(study: Study, out: str, bar) -> dict:
                           if method != "clean" and "clean" in rs]
                 a = agg.get(method, {})
                 rows.append({"attack": att, "defense": name, "method": method, "seeds": [s for s, _ in have],
+                             "per_seed": {s: {"ca_top1": rs[method].get("ca_top1"), "asr": rs[method].get("asr")}
+                                          for s, rs in have},
                              "ca_top1": t_interval(ca), "asr": t_interval(asr),
                              "ca_drop_vs_victim": t_interval(drop_v), "ca_drop_vs_clean": t_interval(drop_c),
                              "meets_bar": a.get("meets_bar"), "meets_bar_seeds": a.get("meets_bar_seeds")})
@@ -737,6 +740,56 @@ def study_tables(study: Study, out: str, bar) -> dict:
                     tests.append({"attack": att, "a": x, "b": y, "seeds": common, **t})
         tables[obj] = {"rows": rows, "paired_tests": tests}
     return tables
+
+
+def objective_tests(study: Study, tables: dict) -> list:
+    """For every attack and every two objectives A, B: paired t-tests over their common seeds of the clean
+    model's and the victim's CA and of the victim's and each defense's ASR (does the objective make the
+    backdoor easier to plant, or harder to remove?). Empty with one objective."""
+    tests, objectives = [], list(tables)
+    for att in study.attacks:
+        rows = {obj: {r["defense"]: r for r in tables[obj]["rows"] if r["attack"] == att} for obj in objectives}
+        quantities = [("clean", "ca_top1"), (NONE, "ca_top1")] + [(d, "asr") for d in study.defenses]
+        for i, a in enumerate(objectives):
+            for b in objectives[i + 1:]:
+                for defense, metric in quantities:
+                    x, y = rows[a][defense]["per_seed"], rows[b][defense]["per_seed"]
+                    common = [s for s in study.seeds if s in x and s in y]
+                    t = paired_test([x[s][metric] for s in common], [y[s][metric] for s in common])
+                    tests.append({"attack": att, "a": a, "b": b, "defense": defense, "metric": metric,
+                                  "seeds": common, **t})
+    return tests
+
+
+def _objective_tests_md(study: Study, tests: list) -> list:
+    """One table per attack: a row per pair of objectives, a column per quantity, each cell mean(A − B) over
+    the common seeds with the paired test's p (* = p < 0.05)."""
+    names = {"ca_top1": "CA", "asr": "ASR"}
+    md = ["## Objectives compared", "",
+          "Per attack, mean over the common seeds of objective A − objective B, in points, with the two-sided "
+          "paired t-test's p over those seeds (scipy.stats.ttest_rel; * = p < 0.05, differs beyond seed noise; "
+          "n < 3: not testable, n given instead; no spread: the same difference on every seed). The victim's ASR "
+          "says how easily the backdoor is planted, each defense's how much of it survives.", ""]
+    for att in study.attacks:
+        mine = [t for t in tests if t["attack"] == att]
+        cols = list(dict.fromkeys((t["defense"], t["metric"]) for t in mine))
+        md += [f"### Attack `{att}`", "",
+               "| A − B | " + " | ".join(f"{'victim' if d == NONE else d} {names[m]}" for d, m in cols) + " |",
+               "|---|" + "---:|" * len(cols)]
+        for a, b in dict.fromkeys((t["a"], t["b"]) for t in mine):
+            cells = []
+            for d, m in cols:
+                t = next(x for x in mine if (x["a"], x["b"], x["defense"], x["metric"]) == (a, b, d, m))
+                if t["mean_diff"] is None:
+                    cells.append("–")
+                elif t["p"] is None:  # too few seeds, or the same difference on every seed
+                    cells.append(f"{t['mean_diff']:+.2f} (" + (f"n={t['n']})" if t["n"] < 3 else "no spread)"))
+                else:
+                    p = format(t["p"], ".3f" if t["p"] >= 1e-3 else ".0e")
+                    cells.append(f"{t['mean_diff']:+.2f} (p {p}){' *' if t['p'] < 0.05 else ''}")
+            md.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+        md.append("")
+    return md
 
 
 def plot_heatmaps(study: Study, rows: list, path, objective: str) -> None:
@@ -852,12 +905,15 @@ def write_report(study: Study, out: str, cells: list, argv: list, t_start: float
                       f"{x['verdict']} |")
         md.append("")
         atomic_write(od / f"heatmap_{obj}.png", lambda p, rows=t["rows"], o=obj: plot_heatmaps(study, rows, p, o))
+    across = objective_tests(study, tables)
+    if across:
+        md += _objective_tests_md(study, across)
     md.append(ez.provenance_line(prov))
     rep = {"study": study.name, "attacks": list(study.attacks), "defenses": list(study.defenses),
            "objectives": {k: v for k, v in study.objectives.items()}, "seeds": study.seeds,
            "bar": {"asr": bar[0], "ca_drop": bar[1]} if bar else None,
            "interval": "two-sided 95 % t-interval of the mean (scipy.stats.t, n - 1 dof); ci95 = half-width",
-           "tables": tables,
+           "tables": tables, "objective_tests": across,
            "cells": [{"kind": c.kind, "target": c.target, "minutes": minutes[c.target],
                       "status": (status or {}).get(c.target, "done" if os.path.isfile(ROOT / c.target) else "missing")}
                      for c in cells],

@@ -220,17 +220,22 @@ NUMBERS = {  # method -> per seed (CA, ASR)
 }
 
 
-def _hand_made(tmp_path, seeds):
+def _hand_made(tmp_path, seeds, objectives=None):
+    """per-seed reports of NUMBERS under each objective; objectives: name -> function (method, seed, (CA, ASR))
+    -> the numbers written for it (default: one objective, declip, NUMBERS as they are)"""
+    objectives = objectives or {"declip": lambda m, seed, v: v}
     data = {"recipes": {"clean": {}, "victim": {}, "defense": {}},
-            "attacks": {"badnets": ""}, "objectives": {"declip": ""},
+            "attacks": {"badnets": ""}, "objectives": {name: "" for name in objectives},
             "defenses": {"none": None, "ft": {"script": "defend_finetune.py"},
                          "cleanclip": {"script": "defend_finetune.py", "flags": "--method cleanclip"}},
             "seeds": seeds, "bar": "--bar-asr 10 --bar-ca-drop 3"}
     s = study.parse_study(data, "stats.yaml")
     out = study._out(s, str(tmp_path))
-    for seed in seeds:
-        d = study.paths(out, "declip", "badnets", seed)["cell"]
-        ez.write_report(d, {m: _results(*NUMBERS[m][seed]) for m in NUMBERS}, victim="victim", bar=(10.0, 3.0))
+    for name, numbers in objectives.items():
+        for seed in seeds:
+            d = study.paths(out, name, "badnets", seed)["cell"]
+            ez.write_report(d, {m: _results(*numbers(m, seed, NUMBERS[m][seed])) for m in NUMBERS},
+                            victim="victim", bar=(10.0, 3.0))
     return s, out, study.plan_cells(s, out)
 
 
@@ -273,6 +278,43 @@ def test_intervals_and_paired_tests_are_scipys(tmp_path):
     assert (tmp_path / "heatmap_declip.png").stat().st_size > 1000
     agg = json.load(open(tmp_path / "declip" / "badnets" / "report.json"))  # eval_zeroshot's --aggregate
     assert agg["n_seeds"] == 3 and [r["method"] for r in agg["rows"]] == list(NUMBERS)
+
+
+def test_objectives_are_compared_seed_by_seed_with_scipys_paired_test(tmp_path):
+    # clip: a weaker victim (ASR 30 points lower on every seed, give or take) and ft's ASR shuffled across seeds,
+    # so that only pairing by seed gives scipy's p; seed 2 of clip missing for cleanclip's comparison
+    shift = {0: -31.0, 1: -25.0, 2: -36.0}
+    clip_ft = {0: 9.1, 1: 5.5, 2: 2.4}
+
+    def clip(m, seed, v):
+        ca, asr = v
+        return (ca - 1.0, asr + shift[seed]) if m == "victim" else (ca, clip_ft[seed]) if m == "ft" else v
+
+    s, out, cells = _hand_made(tmp_path, [0, 1, 2], {"clip": clip, "declip": lambda m, seed, v: v})
+    os.remove(os.path.join(study.paths(out, "clip", "badnets", 2)["cell"], "report.json"))
+    rep = study.write_report(s, out, cells, ["stats.yaml"], time.time())
+    got = {(t["defense"], t["metric"]): t for t in rep["objective_tests"]}
+    assert {(t["a"], t["b"]) for t in rep["objective_tests"]} == {("clip", "declip")}
+    assert set(got) == {("clean", "ca_top1"), ("none", "ca_top1"), ("none", "asr"), ("ft", "asr"), ("cleanclip", "asr")}
+    assert all(t["seeds"] == [0, 1] and t["n"] == 2 and t["p"] is None for t in got.values())
+
+    ez.write_report(study.paths(out, "clip", "badnets", 2)["cell"],
+                    {m: _results(*clip(m, 2, NUMBERS[m][2])) for m in NUMBERS}, victim="victim", bar=(10.0, 3.0))
+    rep = study.write_report(s, out, cells, ["stats.yaml"], time.time())
+    got = {(t["defense"], t["metric"]): t for t in rep["objective_tests"]}
+    victim_asr = stats.ttest_rel([NUMBERS["victim"][k][1] + shift[k] for k in range(3)],
+                                 [NUMBERS["victim"][k][1] for k in range(3)])
+    ft_asr = stats.ttest_rel([clip_ft[k] for k in range(3)], [NUMBERS["ft"][k][1] for k in range(3)])
+    assert got[("none", "asr")]["p"] == pytest.approx(victim_asr.pvalue) and victim_asr.pvalue < 0.05
+    assert got[("none", "asr")]["mean_diff"] == pytest.approx(sum(shift.values()) / 3)
+    assert got[("ft", "asr")]["p"] == pytest.approx(ft_asr.pvalue) and got[("ft", "asr")]["mean_diff"] == pytest.approx(0)
+    assert got[("none", "ca_top1")]["verdict"].startswith("not testable (the differences are identical")
+    assert got[("clean", "ca_top1")]["mean_diff"] == 0
+    md = (tmp_path / "report.md").read_text().split("## Objectives compared")[1]
+    row = next(line for line in md.splitlines() if line.startswith("| clip − declip |"))
+    assert row.startswith("| clip − declip | +0.00 (no spread) | -1.00 (no spread) | ")
+    assert f"{sum(shift.values()) / 3:+.2f} (p {victim_asr.pvalue:.3f}) *" in row and "| victim ASR |" in md
+    assert json.load(open(tmp_path / "report.json"))["objective_tests"] == json.loads(json.dumps(rep["objective_tests"]))
 
 
 def test_one_seed_says_n1_and_tests_nothing(tmp_path):
