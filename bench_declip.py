@@ -3,6 +3,7 @@
     python bench_declip.py                                   # tiny, CLIP + DeCLIP modes, fp32 + bf16, CPU
     python bench_declip.py --presets rn50 --batch-size 128 --precisions bf16 --json bench.json   # on a GPU
     python bench_declip.py --compare-open-clip               # tiny CLIP mode vs. open_clip's model + loss
+    python bench_declip.py --presets rn50 vitb32 --batch-size 256 --precisions bf16 --compare-open-clip   # GPU
     python bench_declip.py --presets rn50 --loader --loader-workers 0 2 4   # the data path on JPEGs, per worker
 
 Training steps run the real objective (forward, backward, AdamW step, logit-scale clamp) on
@@ -155,18 +156,38 @@ def bench_eval(preset, precision, batch, steps, warmup, device):
     return batch * steps / (time.perf_counter() - t)
 
 
-def bench_open_clip(precision, batch, steps, warmup, device, text_len):
-    """The `tiny` preset's CLIP rebuilt in open_clip (same widths, QuickGELU) trained with its ClipLoss."""
-    from open_clip.loss import ClipLoss
+OPEN_CLIP_NAMES = {"rn50": "RN50", "rn101": "RN101", "vitb32": "ViT-B-32"}  # our presets that open_clip defines itself
+
+
+def open_clip_model(preset: str):
+    """open_clip's own model for one of our presets, randomly initialised (no download): RN50, RN101, ViT-B-32 by
+    open_clip's name; `tiny` rebuilt in open_clip's CLIP class with the same widths (QuickGELU)."""
+    import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    cfg = md.get_config("tiny")
     torch.manual_seed(0)
-    model = CLIP(embed_dim=cfg.embed_dim,
-                 vision_cfg=CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, image_size=cfg.image_size),
-                 text_cfg=CLIPTextCfg(context_length=cfg.context_length, vocab_size=49408, width=cfg.text_width,
-                                      heads=cfg.text_heads, layers=cfg.text_layers),
-                 quick_gelu=True).to(device).train()
+    if preset in OPEN_CLIP_NAMES:
+        return open_clip.create_model(OPEN_CLIP_NAMES[preset])
+    if preset != "tiny":
+        raise ValueError(f"open_clip has no model for the preset {preset!r}")
+    cfg = md.get_config("tiny")
+    return CLIP(embed_dim=cfg.embed_dim,
+                vision_cfg=CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, image_size=cfg.image_size),
+                text_cfg=CLIPTextCfg(context_length=cfg.context_length, vocab_size=49408, width=cfg.text_width,
+                                     heads=cfg.text_heads, layers=cfg.text_layers),
+                quick_gelu=True)
+
+
+def bench_open_clip(preset, precision, batch, steps, warmup, device, text_len, compile_model=False):
+    """open_clip's model for the preset (open_clip_model) trained with its ClipLoss, on the inputs our CLIP mode
+    gets, channels-last for its ResNets as ours; returns (train img/s, forward-only encode_image img/s)."""
+    from open_clip.loss import ClipLoss
+
+    cfg = md.get_config(preset)
+    model = open_clip_model(preset).to(device).train()
+    resnet = not hasattr(model.visual, "transformer")
+    if resnet:
+        model = model.to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
@@ -175,24 +196,37 @@ def bench_open_clip(precision, batch, steps, warmup, device, text_len):
     images_u8, tokens = _inputs(cfg, batch, device, text_len)
     tokens = tokens.clamp(max=49407)
     x = dd.eval_transform(images_u8, cfg.image_size, cfg.image_mean, cfg.image_std)
+    if resnet:
+        x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    forward = torch.compile(model) if compile_model else model
 
     def step():
         with autocast:
-            img, txt, scale = model(x, tokens)
+            img, txt, scale = forward(x, tokens)
             loss = loss_fn(img, txt, scale)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return batch * steps / (time.perf_counter() - t)
+    def timed(fn):
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        return batch * steps / (time.perf_counter() - t)
+
+    @torch.no_grad()
+    def encode():
+        with autocast:
+            model.encode_image(x)
+
+    train = timed(step)
+    model.eval()
+    return train, timed(encode)
 
 
 def write_jpeg_photos(out_dir: str, n: int, seed: int = 0, sizes=(224, 500)) -> str:
@@ -301,7 +335,8 @@ def main(argv=None):
     p.add_argument("--augment", action="store_true", help="include the batched MoCo-v2 views in each step")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--compare-open-clip", action="store_true",
-                   help="also train the tiny CLIP built in open_clip with its own loss (CLIP mode ratio)")
+                   help="also train open_clip's own model of each preset (tiny rebuilt in open_clip, RN50, RN101, ViT-B-32) "
+                        "with its ClipLoss, and its forward-only encode_image, beside our CLIP mode (ratios)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table / measured)")
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even if a GPU is present")
     p.add_argument("--profile", action="store_true",
@@ -317,6 +352,9 @@ def main(argv=None):
                         "meta.jsonl, else its meta.jsonl (filename, caption) is read as it is")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
+    other = [x for x in args.presets if x != "tiny" and x not in OPEN_CLIP_NAMES]
+    if args.compare_open_clip and other:
+        p.error(f"--compare-open-clip: open_clip has no model for {', '.join(other)} (tiny, {', '.join(OPEN_CLIP_NAMES)})")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     if device.type == "cpu":
@@ -347,14 +385,22 @@ def main(argv=None):
                 print(f"  {preset} {prec}: DeCLIP/CLIP time per image {c['train_img_s'] / d['train_img_s']:.2f}x, "
                       f"FLOPs per image {d['gflop_per_img'] / c['gflop_per_img']:.2f}x")
     if args.compare_open_clip:
-        for prec in args.precisions:
-            ours = bench_train("tiny", "clip", prec, args.batch_size, args.steps, args.warmup, device,
-                               md.get_config("tiny").context_length)[0]
-            theirs = bench_open_clip(prec, args.batch_size, args.steps, args.warmup, device,
-                                     md.get_config("tiny").context_length)
-            rows.append(dict(preset="tiny", mode="clip-vs-open_clip", precision=prec, ours_img_s=round(ours, 1),
-                             open_clip_img_s=round(theirs, 1), ratio=round(ours / theirs, 3), device=name))
-            print(f"tiny CLIP {prec}: ours {ours:.1f} img/s, open_clip {theirs:.1f} img/s, ratio {ours / theirs:.2f}")
+        for preset in args.presets:
+            cfg = md.get_config(preset)
+            for prec in args.precisions:
+                ours = bench_train(preset, "clip", prec, args.batch_size, args.steps, args.warmup, device,
+                                   cfg.context_length, compile_model=args.compile)[0]
+                ours_eval = bench_eval(preset, prec, args.batch_size, args.steps, args.warmup, device)
+                theirs, theirs_eval = bench_open_clip(preset, prec, args.batch_size, args.steps, args.warmup, device,
+                                                      cfg.context_length, compile_model=args.compile)
+                rows.append(dict(preset=preset, mode="clip-vs-open_clip", precision=prec, batch=args.batch_size,
+                                 ours_img_s=round(ours, 1), open_clip_img_s=round(theirs, 1),
+                                 ratio=round(ours / theirs, 3), ours_eval_img_s=round(ours_eval, 1),
+                                 open_clip_eval_img_s=round(theirs_eval, 1),
+                                 eval_ratio=round(ours_eval / theirs_eval, 3), device=name))
+                print(f"{preset} CLIP {prec} batch {args.batch_size}: train ours {ours:.1f} img/s, open_clip "
+                      f"{theirs:.1f}, ratio {ours / theirs:.2f}; eval ours {ours_eval:.1f}, open_clip forward-only "
+                      f"{theirs_eval:.1f}, ratio {ours_eval / theirs_eval:.2f}", flush=True)
     if args.loader:
         rows += run_loader_bench(args, device, rows)
     if args.json:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import bench_declip as bench
 import modeling_declip as md
 
@@ -44,3 +46,25 @@ def test_loader_benchmark_times_the_training_loader_on_generated_jpeg_photos(tmp
     assert "wrote 24 JPEG photos" in printed and printed.count("the loader needs") == 2
     bench.main(argv[:-2] + ["--loader-dir", str(photos), "--modes", "clip"])  # a directory with meta.jsonl is reused
     assert "wrote" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_open_clip_comparison_trains_open_clips_own_rn50_beside_ours(capsys):
+    import open_clip
+
+    # the comparison is of the same architecture: open_clip's RN50 image tower has our rn50's parameters
+    ours = md.build_model("rn50").visual
+    theirs = bench.open_clip_model("rn50").visual
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    assert isinstance(bench.open_clip_model("vitb32"), open_clip.model.CLIP)
+    rows = bench.main(["--cpu", "--presets", "rn50", "--modes", "clip", "--steps", "1", "--warmup", "0",
+                       "--batch-size", "2", "--precisions", "fp32", "--compare-open-clip"])
+    row = next(r for r in rows if r["mode"] == "clip-vs-open_clip")
+    assert row["preset"] == "rn50" and row["batch"] == 2 and row["open_clip_img_s"] > 0
+
+    def consistent(ratio, ours, theirs):  # ratio of the unrounded figures; each figure is rounded to 0.1
+        return (ours - 0.05) / (theirs + 0.05) - 1e-3 <= ratio <= (ours + 0.05) / (theirs - 0.05) + 1e-3
+
+    assert consistent(row["ratio"], row["ours_img_s"], row["open_clip_img_s"])
+    assert consistent(row["eval_ratio"], row["ours_eval_img_s"], row["open_clip_eval_img_s"])
+    assert "rn50 CLIP fp32 batch 2: train ours" in capsys.readouterr().out
