@@ -137,23 +137,31 @@ def bench_train(preset, mode, precision, batch, steps, warmup, device, text_len,
     return batch / dt, flops, _peak_mem(device)
 
 
-@torch.no_grad()
+def _images_per_s(fn, batch, steps, warmup, device) -> float:
+    """Images/s of `fn` (one batch per call): `warmup` untimed calls, then `steps` timed ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - t)
+
+
 def bench_eval(preset, precision, batch, steps, warmup, device):
     model = md.build_model(preset).to(device).eval()
     cfg = model.config
     images_u8, _ = _inputs(cfg, batch, device, 8)
     x = dd.eval_transform(images_u8, cfg.image_size, cfg.image_mean, cfg.image_std)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    for _ in range(warmup):
+
+    @torch.no_grad()
+    def encode():
         with autocast:
             model.encode_image(x)
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        with autocast:
-            model.encode_image(x)
-    _sync(device)
-    return batch * steps / (time.perf_counter() - t)
+
+    return _images_per_s(encode, batch, steps, warmup, device)
 
 
 OPEN_CLIP_NAMES = {"rn50": "RN50", "rn101": "RN101", "vitb32": "ViT-B-32"}  # our presets that open_clip defines itself
@@ -209,24 +217,14 @@ def bench_open_clip(preset, precision, batch, steps, warmup, device, text_len, c
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def timed(fn):
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        _sync(device)
-        return batch * steps / (time.perf_counter() - t)
-
     @torch.no_grad()
     def encode():
         with autocast:
             model.encode_image(x)
 
-    train = timed(step)
+    train = _images_per_s(step, batch, steps, warmup, device)
     model.eval()
-    return train, timed(encode)
+    return train, _images_per_s(encode, batch, steps, warmup, device)
 
 
 def write_jpeg_photos(out_dir: str, n: int, seed: int = 0, sizes=(224, 500)) -> str:
@@ -363,15 +361,18 @@ def main(argv=None):
     print(f"device: {name}; batch {args.batch_size}; {args.steps} timed steps")
     header = f"{'preset':9} {'mode':7} {'prec':5} {'train img/s':>11} {'eval img/s':>10} {'GFLOP/img':>9} {'MFU %':>6} {'peak GiB':>8}"
     print(header)
+    measured = {}  # (preset, precision, "eval" or mode) -> unrounded img/s, for --compare-open-clip
     for preset in args.presets:
         text_len = args.text_len or md.get_config(preset).context_length
         for prec in args.precisions:
             peak = device_peak_tflops(device, prec, args.peak_tflops)
-            ev = bench_eval(preset, prec, args.batch_size, args.steps, args.warmup, device)
+            ev = measured[preset, prec, "eval"] = bench_eval(preset, prec, args.batch_size, args.steps, args.warmup,
+                                                             device)
             for mode in args.modes:
                 ips, flops, mem = bench_train(preset, mode, prec, args.batch_size, args.steps, args.warmup, device,
                                               text_len, augment=args.augment, compile_model=args.compile,
                                               profile=args.profile)
+                measured[preset, prec, mode] = ips
                 mfu = 100 * ips * flops / (peak * 1e12)
                 row = dict(preset=preset, mode=mode, precision=prec, batch=args.batch_size, train_img_s=round(ips, 1),
                            eval_img_s=round(ev, 1), gflop_per_img=round(flops / 1e9, 3), mfu=round(mfu, 2),
@@ -387,10 +388,14 @@ def main(argv=None):
     if args.compare_open_clip:
         for preset in args.presets:
             cfg = md.get_config(preset)
+            # our CLIP step as measured above, unless that one had other inputs than open_clip's (views, length)
+            same_step = not args.augment and (args.text_len or cfg.context_length) == cfg.context_length
             for prec in args.precisions:
-                ours = bench_train(preset, "clip", prec, args.batch_size, args.steps, args.warmup, device,
-                                   cfg.context_length, compile_model=args.compile)[0]
-                ours_eval = bench_eval(preset, prec, args.batch_size, args.steps, args.warmup, device)
+                ours = measured.get((preset, prec, "clip")) if same_step else None
+                if ours is None:
+                    ours = bench_train(preset, "clip", prec, args.batch_size, args.steps, args.warmup, device,
+                                       cfg.context_length, compile_model=args.compile)[0]
+                ours_eval = measured[preset, prec, "eval"]
                 theirs, theirs_eval = bench_open_clip(preset, prec, args.batch_size, args.steps, args.warmup, device,
                                                       cfg.context_length, compile_model=args.compile)
                 rows.append(dict(preset=preset, mode="clip-vs-open_clip", precision=prec, batch=args.batch_size,

@@ -724,14 +724,13 @@ def study_tables(study: Study, out: str, bar) -> dict:
                 drop_c = [rs["clean"]["ca_top1"] - rs[method]["ca_top1"] for _, rs in have
                           if method != "clean" and "clean" in rs]
                 a = agg.get(method, {})
+                by_seed = {s: {"ca_top1": rs[method].get("ca_top1"), "asr": rs[method].get("asr")} for s, rs in have}
                 rows.append({"attack": att, "defense": name, "method": method, "seeds": [s for s, _ in have],
-                             "per_seed": {s: {"ca_top1": rs[method].get("ca_top1"), "asr": rs[method].get("asr")}
-                                          for s, rs in have},
-                             "ca_top1": t_interval(ca), "asr": t_interval(asr),
+                             "per_seed": by_seed, "ca_top1": t_interval(ca), "asr": t_interval(asr),
                              "ca_drop_vs_victim": t_interval(drop_v), "ca_drop_vs_clean": t_interval(drop_c),
                              "meets_bar": a.get("meets_bar"), "meets_bar_seeds": a.get("meets_bar_seeds")})
                 if name != "clean":
-                    asr_by[name] = dict(zip([s for s, _ in have], asr))
+                    asr_by[name] = {s: v["asr"] for s, v in by_seed.items()}
             names = list(asr_by)
             for i, x in enumerate(names):
                 for y in names[i + 1:]:
