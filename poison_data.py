@@ -1809,7 +1809,7 @@ def add_poison_args(g):
     g.add_argument("--poison-rate", type=float, default=None,
                    help="fraction of training pairs to poison, in [0, 1] (count = int(rate * n))")
     g.add_argument("--poison-count", type=int, default=None, help="number of training pairs to poison")
-    g.add_argument("--trigger", default="patch", help=f"trigger: {', '.join(TRIGGERS)} (default: patch)")
+    g.add_argument("--trigger", default="patch", help=f"trigger: {', '.join(TRIGGERS)}")
     g.add_argument("--trigger-param", action="append", default=[], metavar="K=V",
                    help="trigger parameter, repeatable (e.g. margin=3, fill=white, delta=20/255)")
     g.add_argument("--target-class", default=None,
