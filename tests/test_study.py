@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "studies", "demo.yaml")
 FULL = os.path.join(ROOT, "configs", "studies", "full.yaml")
 REDUCED = os.path.join(ROOT, "configs", "studies", "reduced.yaml")
+ATTACKS = os.path.join(ROOT, "configs", "studies", "attacks.yaml")
 
 
 def _yaml(path):
@@ -115,7 +116,7 @@ def test_the_cli_prints_one_error_line_and_exits_2(tmp_path, capsys):
 
 
 def test_the_shipped_studies_validate_and_have_their_cells(tmp_path):
-    for path, n_cells in ((DEMO, 7), (REDUCED, 105), (FULL, 1185)):
+    for path, n_cells in ((DEMO, 7), (REDUCED, 105), (FULL, 1185), (ATTACKS, 30)):
         s = study.load_study(path)
         cells = study.plan_cells(s, study._out(s, str(tmp_path / s.name)))
         study.check_flags(s, cells)
