@@ -14,7 +14,8 @@ Cells (as the Makefile's demo targets, same commands, same dependencies):
            defense's script: RoCLIP, SafeCLIP; with `detect:`, detect_poison.py first, then --exclude-indices)
   report   per (attack, objective, seed): eval_zeroshot.py --report over clean, victim and the defenses
 Then the study report: OUT/report.md, report.json and heatmap_OBJ.png (mean ± 95 % t-interval over the seeds,
-paired t-tests of ASR between defenses), and OUT/OBJ/ATTACK/report.* (eval_zeroshot's mean ± std over seeds).
+paired t-tests of ASR between defenses, and of CA and ASR between every two objectives and every two attacks),
+and OUT/OBJ/ATTACK/report.* (eval_zeroshot's mean ± std over seeds).
 
 Every cell is a file target (a run directory's model.safetensors, detect's flagged.txt, the report.json): it is
 skipped when that file exists, is newer than the files of the cells it needs and came from the same command
@@ -741,38 +742,49 @@ def study_tables(study: Study, out: str, bar) -> dict:
     return tables
 
 
-def objective_tests(study: Study, tables: dict) -> list:
-    """For every attack and every two objectives A, B: paired t-tests over their common seeds of the clean
-    model's and the victim's CA and of the victim's and each defense's ASR (does the objective make the
-    backdoor easier to plant, or harder to remove?). Empty with one objective."""
-    tests, objectives = [], list(tables)
-    for att in study.attacks:
-        rows = {obj: {r["defense"]: r for r in tables[obj]["rows"] if r["attack"] == att} for obj in objectives}
-        quantities = [("clean", "ca_top1"), (NONE, "ca_top1")] + [(d, "asr") for d in study.defenses]
-        for i, a in enumerate(objectives):
-            for b in objectives[i + 1:]:
+AXES = {"objective": "attack", "attack": "objective"}   # the axis compared -> the one each table holds fixed
+
+
+def axis_tests(study: Study, tables: dict, axis: str) -> list:
+    """Paired t-tests over the common seeds between every two values A, B of `axis` ('objective': does the
+    objective make the backdoor easier to plant or harder to remove? 'attack': does one attack plant more
+    easily or survive the defenses better?), for each value of the other axis: of the victim's CA and of the
+    victim's and each defense's ASR, and, between objectives, of the clean model's CA (attacks share it).
+    Empty with one value of `axis`."""
+    fixed = AXES[axis]
+    values = {"objective": list(tables), "attack": list(study.attacks)}
+
+    def rows(objective, attack):
+        return {r["defense"]: r["per_seed"] for r in tables[objective]["rows"] if r["attack"] == attack}
+
+    quantities = ([("clean", "ca_top1")] if axis == "objective" else []) + [(NONE, "ca_top1")] + \
+        [(d, "asr") for d in study.defenses]
+    tests = []
+    for g in values[fixed]:
+        compared = values[axis]
+        for i, a in enumerate(compared):
+            for b in compared[i + 1:]:
+                x, y = (rows(a, g), rows(b, g)) if axis == "objective" else (rows(g, a), rows(g, b))
                 for defense, metric in quantities:
-                    x, y = rows[a][defense]["per_seed"], rows[b][defense]["per_seed"]
-                    common = [s for s in study.seeds if s in x and s in y]
-                    t = paired_test([x[s][metric] for s in common], [y[s][metric] for s in common])
-                    tests.append({"attack": att, "a": a, "b": b, "defense": defense, "metric": metric,
-                                  "seeds": common, **t})
+                    common = [s for s in study.seeds if s in x[defense] and s in y[defense]]
+                    t = paired_test([x[defense][s][metric] for s in common], [y[defense][s][metric] for s in common])
+                    tests.append({fixed: g, "a": a, "b": b, "defense": defense, "metric": metric, "seeds": common, **t})
     return tests
 
 
-def _objective_tests_md(study: Study, tests: list) -> list:
-    """One table per attack: a row per pair of objectives, a column per quantity, each cell mean(A − B) over
-    the common seeds with the paired test's p (* = p < 0.05)."""
-    names = {"ca_top1": "CA", "asr": "ASR"}
-    md = ["## Objectives compared", "",
-          "Per attack, mean over the common seeds of objective A − objective B, in points, with the two-sided "
+def _axis_tests_md(tests: list, axis: str) -> list:
+    """One table per value of the other axis: a row per pair A, B of `axis`, a column per quantity, each cell
+    mean(A − B) over the common seeds with the paired test's p (* = p < 0.05)."""
+    fixed, names = AXES[axis], {"ca_top1": "CA", "asr": "ASR"}
+    md = [f"## {axis.capitalize()}s compared", "",
+          f"Per {fixed}, mean over the common seeds of {axis} A − {axis} B, in points, with the two-sided "
           "paired t-test's p over those seeds (scipy.stats.ttest_rel; * = p < 0.05, differs beyond seed noise; "
           "n < 3: not testable, n given instead; no spread: the same difference on every seed). The victim's ASR "
           "says how easily the backdoor is planted, each defense's how much of it survives.", ""]
-    for att in study.attacks:
-        mine = [t for t in tests if t["attack"] == att]
+    for g in dict.fromkeys(t[fixed] for t in tests):
+        mine = [t for t in tests if t[fixed] == g]
         cols = list(dict.fromkeys((t["defense"], t["metric"]) for t in mine))
-        md += [f"### Attack `{att}`", "",
+        md += [f"### {fixed.capitalize()} `{g}`", "",
                "| A − B | " + " | ".join(f"{'victim' if d == NONE else d} {names[m]}" for d, m in cols) + " |",
                "|---|" + "---:|" * len(cols)]
         for a, b in dict.fromkeys((t["a"], t["b"]) for t in mine):
@@ -904,15 +916,17 @@ def write_report(study: Study, out: str, cells: list, argv: list, t_start: float
                       f"{x['verdict']} |")
         md.append("")
         atomic_write(od / f"heatmap_{obj}.png", lambda p, rows=t["rows"], o=obj: plot_heatmaps(study, rows, p, o))
-    across = objective_tests(study, tables)
-    if across:
-        md += _objective_tests_md(study, across)
+    across = {axis: axis_tests(study, tables, axis) for axis in AXES}
+    for axis, tests in across.items():
+        if tests:
+            md += _axis_tests_md(tests, axis)
     md.append(ez.provenance_line(prov))
     rep = {"study": study.name, "attacks": list(study.attacks), "defenses": list(study.defenses),
            "objectives": {k: v for k, v in study.objectives.items()}, "seeds": study.seeds,
            "bar": {"asr": bar[0], "ca_drop": bar[1]} if bar else None,
            "interval": "two-sided 95 % t-interval of the mean (scipy.stats.t, n - 1 dof); ci95 = half-width",
-           "tables": tables, "objective_tests": across,
+           "tables": tables, "objective_tests": across["objective"],
+           "attack_tests": across["attack"],
            "cells": [{"kind": c.kind, "target": c.target, "minutes": minutes[c.target],
                       "status": (status or {}).get(c.target, "done" if os.path.isfile(ROOT / c.target) else "missing")}
                      for c in cells],

@@ -221,22 +221,25 @@ NUMBERS = {  # method -> per seed (CA, ASR)
 }
 
 
-def _hand_made(tmp_path, seeds, objectives=None):
-    """per-seed reports of NUMBERS under each objective; objectives: name -> function (method, seed, (CA, ASR))
-    -> the numbers written for it (default: one objective, declip, NUMBERS as they are)"""
+def _hand_made(tmp_path, seeds, objectives=None, attacks=None):
+    """per-seed reports of NUMBERS under each objective and attack; objectives, attacks: name -> function
+    (method, seed, (CA, ASR)) -> the numbers written for it, the attack's applied after the objective's
+    (default: one objective, declip, and one attack, badnets, NUMBERS as they are)"""
     objectives = objectives or {"declip": lambda m, seed, v: v}
+    attacks = attacks or {"badnets": lambda m, seed, v: v}
     data = {"recipes": {"clean": {}, "victim": {}, "defense": {}},
-            "attacks": {"badnets": ""}, "objectives": {name: "" for name in objectives},
+            "attacks": {name: "" for name in attacks}, "objectives": {name: "" for name in objectives},
             "defenses": {"none": None, "ft": {"script": "defend_finetune.py"},
                          "cleanclip": {"script": "defend_finetune.py", "flags": "--method cleanclip"}},
             "seeds": seeds, "bar": "--bar-asr 10 --bar-ca-drop 3"}
     s = study.parse_study(data, "stats.yaml")
     out = study._out(s, str(tmp_path))
     for name, numbers in objectives.items():
-        for seed in seeds:
-            d = study.paths(out, name, "badnets", seed)["cell"]
-            ez.write_report(d, {m: _results(*numbers(m, seed, NUMBERS[m][seed])) for m in NUMBERS},
-                            victim="victim", bar=(10.0, 3.0))
+        for att, attack_numbers in attacks.items():
+            for seed in seeds:
+                d = study.paths(out, name, att, seed)["cell"]
+                ez.write_report(d, {m: _results(*attack_numbers(m, seed, numbers(m, seed, NUMBERS[m][seed])))
+                                    for m in NUMBERS}, victim="victim", bar=(10.0, 3.0))
     return s, out, study.plan_cells(s, out)
 
 
@@ -316,6 +319,37 @@ def test_objectives_are_compared_seed_by_seed_with_scipys_paired_test(tmp_path):
     assert row.startswith("| clip − declip | +0.00 (no spread) | -1.00 (no spread) | ")
     assert f"{sum(shift.values()) / 3:+.2f} (p {victim_asr.pvalue:.3f}) *" in row and "| victim ASR |" in md
     assert json.load(open(tmp_path / "report.json"))["objective_tests"] == json.loads(json.dumps(rep["objective_tests"]))
+
+
+def test_attacks_are_compared_seed_by_seed_under_each_objective(tmp_path):
+    # badclip: a victim as strong, FT's ASR 6 points higher on seeds 0 and 1 and 9 on seed 2 (so it survives FT
+    # better, beyond seed noise), CleanCLIP's shuffled across seeds, so that only pairing by seed gives scipy's p
+    ft_up = {0: 6.0, 1: 6.0, 2: 9.0}
+    cc = {0: 3.3, 1: 0.2, 2: 1.9}
+
+    def badclip(m, seed, v):
+        ca, asr = v
+        return (ca, asr + ft_up[seed]) if m == "ft" else (ca, cc[seed]) if m == "cleanclip" else v
+
+    s, out, cells = _hand_made(tmp_path, [0, 1, 2], attacks={"badnets": lambda m, seed, v: v, "badclip": badclip})
+    rep = study.write_report(s, out, cells, ["stats.yaml"], time.time())
+    assert rep["objective_tests"] == []
+    got = {(t["defense"], t["metric"]): t for t in rep["attack_tests"]}
+    assert {(t["objective"], t["a"], t["b"]) for t in rep["attack_tests"]} == {("declip", "badnets", "badclip")}
+    assert set(got) == {("none", "ca_top1"), ("none", "asr"), ("ft", "asr"), ("cleanclip", "asr")}  # no clean: shared
+    ft = stats.ttest_rel([NUMBERS["ft"][k][1] for k in range(3)], [NUMBERS["ft"][k][1] + ft_up[k] for k in range(3)])
+    ref = stats.ttest_rel([NUMBERS["cleanclip"][k][1] for k in range(3)], [cc[k] for k in range(3)])
+    assert got[("ft", "asr")]["p"] == pytest.approx(ft.pvalue) and ft.pvalue < 0.05
+    assert got[("ft", "asr")]["mean_diff"] == pytest.approx(-7.0) and got[("ft", "asr")]["seeds"] == [0, 1, 2]
+    assert got[("cleanclip", "asr")]["p"] == pytest.approx(ref.pvalue)
+    assert got[("none", "asr")]["mean_diff"] == 0 and got[("none", "asr")]["p"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert "## Objectives compared" not in md
+    part = md.split("## Attacks compared")[1]
+    assert "### Objective `declip`" in part and "| A − B | victim CA | victim ASR | ft ASR | cleanclip ASR |" in part
+    row = next(line for line in part.splitlines() if line.startswith("| badnets − badclip |"))
+    assert f"| -7.00 (p {ft.pvalue:.3f}) * |" in row
+    assert json.load(open(tmp_path / "report.json"))["attack_tests"] == json.loads(json.dumps(rep["attack_tests"]))
 
 
 def test_one_seed_says_n1_and_tests_nothing(tmp_path):
