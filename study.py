@@ -753,18 +753,20 @@ def axis_tests(study: Study, tables: dict, axis: str) -> list:
     Empty with one value of `axis`."""
     fixed = AXES[axis]
     values = {"objective": list(tables), "attack": list(study.attacks)}
+    compared = values[axis]
 
-    def rows(objective, attack):
+    def per_seed(g, v):
+        """{defense: per-seed CA and ASR} of value g of the fixed axis and value v of the compared one."""
+        objective, attack = (v, g) if axis == "objective" else (g, v)
         return {r["defense"]: r["per_seed"] for r in tables[objective]["rows"] if r["attack"] == attack}
 
     quantities = ([("clean", "ca_top1")] if axis == "objective" else []) + [(NONE, "ca_top1")] + \
         [(d, "asr") for d in study.defenses]
     tests = []
     for g in values[fixed]:
-        compared = values[axis]
         for i, a in enumerate(compared):
             for b in compared[i + 1:]:
-                x, y = (rows(a, g), rows(b, g)) if axis == "objective" else (rows(g, a), rows(g, b))
+                x, y = per_seed(g, a), per_seed(g, b)
                 for defense, metric in quantities:
                     common = [s for s in study.seeds if s in x[defense] and s in y[defense]]
                     t = paired_test([x[defense][s][metric] for s in common], [y[defense][s][metric] for s in common])
